@@ -1,0 +1,331 @@
+"""Typed configuration: one dataclass per recipe section, each with its own ``validate()``.
+
+A recipe (Hydra YAML plus command-line overrides) is turned into :class:`Config` by
+:func:`config_from_dict`, which rejects unknown keys and wrong types, then every section checks its
+own invariants. Every error is one :class:`ConfigError` line that names the field and the fix, and
+all of it happens before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A recipe value is wrong; the message names the field (dotted path) and the fix."""
+
+
+def _fail(path: str, msg: str) -> None:
+    raise ConfigError(f"{path}: {msg}")
+
+
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """The MiniMax architecture (SPEC §1–5)."""
+
+    name: str = "tiny"
+    vocab_size: int = 258
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    head_dim: int = 32
+    num_kv_heads: int = 2
+    # Layer layout: softmax at every k-th layer (0-based l with (l+1) % k == 0), or the explicit list
+    # ``softmax_layers`` (takes precedence). softmax_every=0 and softmax_layers=[] mean all-lightning;
+    # softmax_every=1 means all-softmax.
+    softmax_every: int = 8
+    softmax_layers: Optional[list] = None
+    # MoE
+    num_experts: int = 4
+    top_k: int = 2
+    ffn_hidden_size: int = 256
+    capacity_factor: Optional[float] = None  # None: dropless
+    # Positions
+    rope_theta: float = 10000.0
+    rotary_dim: Optional[int] = None  # None: head_dim // 2 (MiniMax's partial RoPE)
+    max_position_embeddings: int = 10_240_000
+    # Norms and residual
+    norm_eps: float = 1e-5
+    lightning_norm_eps: float = 1e-6
+    norm_scheme: str = "deepnorm"  # "deepnorm" (post-norm, as released) or "prenorm"
+    embedding_init_std: float = 1.0
+    # Lightning attention block size of the torch/Triton block form
+    lightning_block_size: int = 64
+
+    def layer_types(self) -> list[str]:
+        if self.softmax_layers is not None:
+            soft = set(int(i) for i in self.softmax_layers)
+        elif self.softmax_every == 0:
+            soft = set()
+        else:
+            soft = {l for l in range(self.num_layers) if (l + 1) % self.softmax_every == 0}
+        return ["softmax" if l in soft else "lightning" for l in range(self.num_layers)]
+
+    @property
+    def deepnorm_alpha(self) -> float:
+        return (2.0 * self.num_layers) ** 0.25
+
+    @property
+    def deepnorm_beta(self) -> float:
+        return (8.0 * self.num_layers) ** -0.25
+
+    @property
+    def rope_dim(self) -> int:
+        return self.head_dim // 2 if self.rotary_dim is None else int(self.rotary_dim)
+
+    def validate(self, path: str = "model") -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim",
+                     "num_kv_heads", "num_experts", "top_k", "ffn_hidden_size",
+                     "lightning_block_size"):
+            if getattr(self, name) < 1:
+                _fail(f"{path}.{name}", f"must be a positive integer, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            _fail(f"{path}.num_kv_heads", f"{self.num_kv_heads} does not divide num_heads="
+                  f"{self.num_heads}; choose a divisor of num_heads (GQA groups must be equal)")
+        if self.top_k > self.num_experts:
+            _fail(f"{path}.top_k", f"{self.top_k} exceeds num_experts={self.num_experts}; "
+                  f"set top_k <= num_experts")
+        if self.softmax_every < 0:
+            _fail(f"{path}.softmax_every", f"must be >= 0 (0 = all lightning), got {self.softmax_every}")
+        if self.softmax_layers is not None:
+            for i in self.softmax_layers:
+                if not isinstance(i, int) or not 0 <= i < self.num_layers:
+                    _fail(f"{path}.softmax_layers", f"index {i} is out of range for num_layers="
+                          f"{self.num_layers}; use 0-based indices 0..{self.num_layers - 1}")
+        rd = self.rope_dim
+        if rd < 0 or rd > self.head_dim or rd % 2:
+            _fail(f"{path}.rotary_dim", f"{rd} must be even and within 0..head_dim={self.head_dim}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            _fail(f"{path}.capacity_factor", f"must be > 0 or null (dropless), got {self.capacity_factor}")
+        if self.norm_scheme not in ("deepnorm", "prenorm"):
+            _fail(f"{path}.norm_scheme", f"unknown '{self.norm_scheme}'; use 'deepnorm' or 'prenorm'")
+        for name in ("norm_eps", "lightning_norm_eps", "rope_theta", "embedding_init_std"):
+            if not getattr(self, name) > 0:
+                _fail(f"{path}.{name}", f"must be > 0, got {getattr(self, name)}")
+
+
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Tokenizer, corpus and packing."""
+
+    tokenizer: str = "byte"  # "byte" or a path to a HF tokenizer.json
+    corpus: str = "stdlib"  # "stdlib" (embedded), a text file, a folder of text files, or a .jsonl
+    corpus_max_bytes: int = 8_000_000  # cap on the text read from the corpus (0 = no cap)
+    seq_len: int = 256
+    seed: int = 1234
+
+    def validate(self, path: str = "data") -> None:
+        if self.seq_len < 2:
+            _fail(f"{path}.seq_len", f"must be >= 2, got {self.seq_len}")
+        if self.corpus_max_bytes < 0:
+            _fail(f"{path}.corpus_max_bytes", f"must be >= 0 (0 = no cap), got {self.corpus_max_bytes}")
+        if not self.tokenizer:
+            _fail(f"{path}.tokenizer", "is empty; use 'byte' or a path to a tokenizer.json")
+        if not self.corpus:
+            _fail(f"{path}.corpus", "is empty; use 'stdlib' or a path to text")
+
+
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, checkpoints and logging."""
+
+    max_steps: int = 200
+    global_batch: int = 8  # rows (packed sequences of data.seq_len) per optimizer step
+    micro_batch: int = 8  # rows per forward/backward on one data-parallel rank
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    schedule: str = "cosine"  # constant | cosine | exp_decay | wsd_exp (warm-up, constant, exp decay)
+    warmup_steps: int = 20
+    decay_start: int = 0  # exp_decay / wsd_exp: step where the exponential decay starts
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    aux_loss_coef: float = 0.01  # in mmtrain's E·Σ f·m normalisation (SPEC §4)
+    seed: int = 1234
+    ckpt_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    log_every: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    init_from: Optional[str] = None
+
+    def validate(self, path: str = "train") -> None:
+        if self.max_steps < 1:
+            _fail(f"{path}.max_steps", f"must be >= 1, got {self.max_steps}")
+        if self.global_batch < 1 or self.micro_batch < 1:
+            _fail(f"{path}.global_batch", "global_batch and micro_batch must be >= 1")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            _fail(f"{path}.lr", f"must be a positive learning rate, got {self.lr}")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            _fail(f"{path}.min_lr", f"must be within 0..lr={self.lr}, got {self.min_lr}")
+        if self.schedule not in ("constant", "cosine", "exp_decay", "wsd_exp"):
+            _fail(f"{path}.schedule", f"unknown '{self.schedule}'; use constant, cosine, exp_decay "
+                  f"or wsd_exp")
+        if self.warmup_steps < 0:
+            _fail(f"{path}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            _fail(f"{path}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                _fail(f"{path}.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            _fail(f"{path}.grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.aux_loss_coef < 0:
+            _fail(f"{path}.aux_loss_coef", f"must be >= 0, got {self.aux_loss_coef}")
+        if self.ckpt_every < 0 or self.keep_last < 1 or self.log_every < 1:
+            _fail(f"{path}.ckpt_every", "ckpt_every must be >= 0, keep_last and log_every >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            _fail(f"{path}.device", f"unknown '{self.device}'; use auto, cpu or cuda")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            _fail(f"{path}.dtype", f"unknown '{self.dtype}'; use auto, fp32 or bf16")
+
+
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ParallelConfig:
+    """Sizes of the parallel dimensions (SPEC §6). dp = -1 derives it from the world size."""
+
+    dp: int = -1
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+    sequence_parallel: bool = False
+    zero1: bool = False
+    order: str = "tp-cp-ep-dp-pp"
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    timeout_s: int = 600
+
+    def validate(self, path: str = "parallel") -> None:
+        for name in ("tp", "cp", "pp", "ep", "etp"):
+            if getattr(self, name) < 1:
+                _fail(f"{path}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.dp == 0 or self.dp < -1:
+            _fail(f"{path}.dp", f"must be >= 1, or -1 to derive it from the world size, got {self.dp}")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            _fail(f"{path}.backend", f"unknown '{self.backend}'; use auto, gloo or nccl")
+        if self.timeout_s < 1:
+            _fail(f"{path}.timeout_s", f"must be >= 1, got {self.timeout_s}")
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    mode: str = "offline"  # offline by default: never needs a network or an account
+    project: str = "mmtrain"
+
+    def validate(self, path: str = "run.wandb") -> None:
+        if self.mode not in ("offline", "online", "disabled"):
+            _fail(f"{path}.mode", f"unknown '{self.mode}'; use offline, online or disabled")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self, path: str = "run") -> None:
+        if not self.dir:
+            _fail(f"{path}.dir", "is empty; set run.dir=PATH")
+        self.wandb.validate(f"{path}.wandb")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate("model")
+        self.data.validate("data")
+        self.train.validate("train")
+        self.parallel.validate("parallel")
+        self.run.validate("run")
+        if self.train.global_batch % self.train.micro_batch:
+            _fail("train.global_batch", f"{self.train.global_batch} is not a multiple of "
+                  f"train.micro_batch={self.train.micro_batch}; make it one")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+def _coerce(path: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(path, args[0], value)
+    if dataclasses.is_dataclass(tp):
+        return _build(path, tp, value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        _fail(path, f"expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            _fail(path, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(path, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            _fail(path, f"expected a string, got {value!r}")
+        return str(value)
+    if tp is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            _fail(path, f"expected a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def _build(path: str, cls: type, data: Any):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        _fail(path, f"expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            close = sorted(names, key=lambda n: _distance(n, str(key)))[:1]
+            _fail(f"{path}.{key}" if path else str(key),
+                  f"unknown key; valid keys of '{path or 'config'}' are {sorted(names)}"
+                  + (f" (did you mean '{close[0]}'?)" if close else ""))
+    kwargs = {k: _coerce(f"{path}.{k}" if path else k, hints[k], v) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a :class:`Config` from a plain (resolved) dict."""
+    return _build("", Config, data).validate()
