@@ -1,0 +1,100 @@
+"""The public lightning attention op: Triton forward and backward behind one autograd Function.
+
+Legend: B batch, T time, H heads, K key dim, V value dim, N sequences.
+
+    lightning_attn(q, k, v, slopes, cu_seqlens=None, initial_state=None, output_final_state=False)
+        q, k [B, T, H, K]; v [B, T, H, V]; slopes [H] (lam = exp(-s)); cu_seqlens int [N+1]
+        (then B == 1); initial_state [N, H, K, V] (any float dtype, used as fp32).
+        -> (o [B, T, H, V] in q's dtype, final_state fp32 [N, H, K, V] or None)
+
+CUDA tensors run the Triton kernels; CPU tensors run the torch block reference unless
+TRITON_INTERPRET=1 is set, in which case the same Triton kernels run in the interpreter.
+
+Backward (see triton_scan's module doc): three scan-attention passes,
+    dq = fwd scan(do, v, k; S0^T)    dv = rev scan(k, q, do; dSf/lam)    dk = rev scan(v, do, q; (dSf/lam)^T)
+    dS0 = lam * (final state of the dv pass).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import lightning_attn_block, sequence_bounds, _check
+from . import triton_scan as ts
+
+__all__ = ["lightning_attn"]
+
+
+def _flat_bounds(q, cu_seqlens):
+    B, T = q.shape[0], q.shape[1]
+    return [(b * T + s, b * T + e) for b, s, e in sequence_bounds(q, cu_seqlens)]
+
+
+class _LightningAttnFn(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, slopes, initial_state, bounds, output_final_state, seg_len):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        q_, k_, v_ = (x.contiguous().view(B * T, H, x.shape[-1]) for x in (q, k, v))
+        bv = int(ts._cfg(K, V, q.dtype, q.device)["BV"])
+        seg = ts.choose_seg_len(bounds, H, -(-V // bv), q.device, seg_len)
+        plan = ts.Plan(bounds, seg, q.device)
+        o, final = ts.scan_attention(q_, k_, v_, slopes, plan, initial_state, output_final_state)
+        ctx.save_for_backward(q_, k_, v_, slopes, initial_state)
+        ctx.bounds, ctx.seg_len, ctx.shape = bounds, seg_len, (B, T, H, K, V)
+        ctx.has_init = initial_state is not None
+        ctx.init_dtype = initial_state.dtype if initial_state is not None else None
+        return o.view(B, T, H, V), final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q_, k_, v_, slopes, s0 = ctx.saved_tensors
+        B, T, H, K, V = ctx.shape
+        dev = q_.device
+        do_ = do.contiguous().view(B * T, H, V)
+        s = slopes.detach().to(device=dev, dtype=torch.float32)
+        Y = None
+        if dfinal is not None:
+            Y = dfinal.float() * torch.exp(s)[None, :, None, None]  # dS_final / lam
+        # dq: forward scan with (q, k, v) -> (do, v, k), state S^T (V x K)
+        bk = int(ts._cfg(V, K, do_.dtype, dev)["BV"])
+        plan_q = ts.Plan(ctx.bounds, ts.choose_seg_len(ctx.bounds, H, -(-K // bk), dev, ctx.seg_len), dev)
+        dq, _ = ts.scan_attention(do_, v_, k_, slopes, plan_q,
+                                  s0.transpose(-1, -2) if s0 is not None else None,
+                                  out_dtype=q_.dtype)
+        # dv (and dS0): reverse scan with (k, q, do), state R (K x V)
+        bv = int(ts._cfg(K, V, k_.dtype, dev)["BV"])
+        plan_v = ts.Plan(ctx.bounds, ts.choose_seg_len(ctx.bounds, H, -(-V // bv), dev, ctx.seg_len), dev)
+        need_ds0 = ctx.has_init and ctx.needs_input_grad[4]
+        dv, fin = ts.scan_attention(k_, q_, do_, slopes, plan_v, Y, output_final_state=need_ds0,
+                                    reverse=True, out_dtype=v_.dtype)
+        # dk: reverse scan with (v, do, q), state R^T (V x K)
+        bk2 = int(ts._cfg(V, K, v_.dtype, dev)["BV"])
+        plan_k = ts.Plan(ctx.bounds, ts.choose_seg_len(ctx.bounds, H, -(-K // bk2), dev, ctx.seg_len), dev)
+        dk, _ = ts.scan_attention(v_, do_, q_, slopes, plan_k,
+                                  Y.transpose(-1, -2) if Y is not None else None,
+                                  reverse=True, out_dtype=k_.dtype)
+        ds0 = None
+        if need_ds0:
+            ds0 = (fin * torch.exp(-s)[None, :, None, None]).to(ctx.init_dtype)
+        return (dq.view(B, T, H, K), dk.view(B, T, H, K), dv.view(B, T, H, V), None, ds0,
+                None, None, None)
+
+
+def lightning_attn(q, k, v, slopes, cu_seqlens=None, initial_state=None,
+                   output_final_state=False, *, seg_len: int | None = None):
+    """Lightning attention (SPEC §2): o_t = sum_{u<=t} lam^(t-u) (q_t . k_u) v_u, per head.
+
+    Returns (o, final_state); final_state is None unless output_final_state.
+    ``seg_len`` (tuning/testing) forces the sequence-split length: 0 = single pass."""
+    use_triton = q.is_cuda or (ts.HAVE_TRITON and ts.interpreting())
+    if not use_triton:
+        return lightning_attn_block(q, k, v, slopes, cu_seqlens, initial_state, output_final_state)
+    bounds = sequence_bounds(q, cu_seqlens)
+    _check(q, k, v, slopes, initial_state, len(bounds))
+    if q.dtype == torch.float64:
+        raise TypeError("the Triton lightning kernel takes bf16, fp16 or fp32 inputs")
+    fb = _flat_bounds(q, cu_seqlens)
+    return _LightningAttnFn.apply(q, k, v, slopes, initial_state, fb, bool(output_final_state),
+                                  seg_len)

@@ -1,0 +1,375 @@
+"""Triton kernels for decayed causal linear attention with a per-head scalar decay (SPEC §2).
+
+Legend: T tokens (flattened batch*time), H heads, K key dim, V value dim, I work items
+(a contiguous token range inside one sequence), N sequences, BT rows per block (chunk).
+
+One generic operation, ``scan attention``, serves the forward and all three backward products:
+
+    forward  (REVERSE=False): o_t = sum_{u<=t} lam^(t-u) (q_t . k_u) v_u  + lam^(t-bos+1) S0^T q_t
+    backward (REVERSE=True):  o_u = sum_{t>=u} lam^(t-u) (q_u . k_t) v_t  + lam^(eos-u)   S0^T q_u
+
+(the reverse form is the forward one run from the end of the sequence). With the state
+``S = sum k v^T`` decayed along the scan direction:
+    dq = fwd scan(q=do, k=v,  v=k,  S0 = S_init^T)
+    dv = rev scan(q=k,  k=q,  v=do, S0 = dS_final / lam)   and its final state * lam = dS_init
+    dk = rev scan(q=v,  k=do, v=q,  S0 = (dS_final / lam)^T)
+
+Three kernels:
+* ``_scan_out``:    walks the blocks of one work item with the running state on chip (fp32) and
+                    writes the output; one program per (V tile, item, head). Intra-block left
+                    product, inter-block right product, state update, all fused.
+* ``_scan_state``:  the local state of each item (from zero), for the sequence-split mode.
+* ``_scan_chain``:  per sequence, chains the item states into each item's incoming state (and the
+                    sequence's final state). Tiny.
+
+When (sequences x heads x V tiles) already fills the GPU, items are whole sequences and only
+``_scan_out`` runs ("single pass"). Otherwise sequences are cut into segments ("two pass": state,
+chain, out), which re-reads k and v once more but gives every SM work.
+
+The kernels are defined as plain functions and wrapped with ``triton.jit`` lazily at call time, so
+``TRITON_INTERPRET=1`` set at any point before a call selects the CPU interpreter (the test suite
+flips it per test without reloading modules). The kernels call only builtins of triton.language,
+never its @jit helpers (tl.zeros, tl.cdiv, ...): those are bound to the mode triton was imported
+in and would fail in the other. No atomics: every output element is written by
+exactly one program, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # triton is optional on CPU-only installs
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+# --------------------------------------------------------------------------------------------
+# kernels (plain functions; see _jit)
+# --------------------------------------------------------------------------------------------
+
+def _scan_out(q, k, v, o, slog2, item_bos, item_eos,
+              s_in, s_in_si, s_in_sh, s_in_sk, s_in_sv, s_out,
+              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    i_v = tl.program_id(0)
+    i_n = tl.program_id(1)
+    i_h = tl.program_id(2)
+    bos = tl.load(item_bos + i_n).to(tl.int64)
+    eos = tl.load(item_eos + i_n).to(tl.int64)
+    L = (eos - bos).to(tl.int32)
+    sl = tl.load(slog2 + i_h)  # lam = 2^-sl
+
+    ot = tl.arange(0, BT)
+    ok = tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    mk = ok < K
+    mv = ov < V
+
+    S = tl.full([BK, BV], 0., tl.float32)
+    if HAS_INIT:
+        p_s = s_in + i_n * s_in_si + i_h * s_in_sh + ok[:, None] * s_in_sk + ov[None, :] * s_in_sv
+        S += tl.load(p_s, mask=mk[:, None] & mv[None, :], other=0.).to(tl.float32)
+
+    tf = ot.to(tl.float32)
+    if REVERSE:
+        diff = tf[None, :] - tf[:, None]
+    else:
+        diff = tf[:, None] - tf[None, :]
+    Dm = tl.where(diff >= 0, tl.exp2(-sl * tl.maximum(diff, 0.)), 0.)
+
+    n_c = (L + BT - 1) // BT
+    for c in range(0, n_c):
+        if REVERSE:
+            ci = n_c - 1 - c
+        else:
+            ci = c
+        m = tl.minimum(L - ci * BT, BT)
+        mr = ot < m
+        rows = bos + ci * BT + ot
+        p_q = q + (rows[:, None] * H + i_h) * K + ok[None, :]
+        p_k = k + (rows[:, None] * H + i_h) * K + ok[None, :]
+        p_v = v + (rows[:, None] * H + i_h) * V + ov[None, :]
+        b_q = tl.load(p_q, mask=mr[:, None] & mk[None, :], other=0.)
+        b_k = tl.load(p_k, mask=mr[:, None] & mk[None, :], other=0.)
+        b_v = tl.load(p_v, mask=mr[:, None] & mv[None, :], other=0.)
+        if UPCAST:
+            b_q = b_q.to(tl.float32)
+            b_k = b_k.to(tl.float32)
+            b_v = b_v.to(tl.float32)
+        mf = m.to(tl.float32)
+        if REVERSE:
+            qd = tl.where(mr, tl.exp2(-sl * (mf - tf)), 0.)
+            kd = tl.where(mr, tl.exp2(-sl * tf), 0.)
+        else:
+            qd = tl.where(mr, tl.exp2(-sl * (tf + 1.)), 0.)
+            kd = tl.where(mr, tl.exp2(-sl * (mf - 1. - tf)), 0.)
+        cd = tl.exp2(-sl * mf)
+        b_a = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * Dm
+        b_o = tl.dot(b_q, S.to(b_q.dtype), input_precision=DOT_PREC) * qd[:, None]
+        b_o += tl.dot(b_a.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+        p_o = o + (rows[:, None] * H + i_h) * V + ov[None, :]
+        tl.store(p_o, b_o.to(o.dtype.element_ty), mask=mr[:, None] & mv[None, :])
+        S = S * cd + tl.dot(tl.trans(b_k), (b_v * kd[:, None]).to(b_k.dtype),
+                            input_precision=DOT_PREC)
+
+    if STORE_FINAL:
+        p_f = s_out + ((i_n * H + i_h) * K + ok[:, None]).to(tl.int64) * V + ov[None, :]
+        tl.store(p_f, S, mask=mk[:, None] & mv[None, :])
+
+
+def _scan_state(k, v, slog2, item_bos, item_eos, s_loc,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+                REVERSE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Local state of one item from a zero start: sum_j lam^(dist of j to the item's far end) k_j v_j^T."""
+    i_kv = tl.program_id(0)
+    i_n = tl.program_id(1)
+    i_h = tl.program_id(2)
+    i_k = i_kv // NV
+    i_v = i_kv % NV
+    bos = tl.load(item_bos + i_n).to(tl.int64)
+    eos = tl.load(item_eos + i_n).to(tl.int64)
+    L = (eos - bos).to(tl.int32)
+    sl = tl.load(slog2 + i_h)
+    ot = tl.arange(0, BT)
+    ok = i_k * BK + tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    mk = ok < K
+    mv = ov < V
+    tf = ot.to(tl.float32)
+    S = tl.full([BK, BV], 0., tl.float32)
+    n_c = (L + BT - 1) // BT
+    for c in range(0, n_c):
+        if REVERSE:
+            ci = n_c - 1 - c
+        else:
+            ci = c
+        m = tl.minimum(L - ci * BT, BT)
+        mr = ot < m
+        rows = bos + ci * BT + ot
+        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + ok[None, :],
+                      mask=mr[:, None] & mk[None, :], other=0.)
+        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + ov[None, :],
+                      mask=mr[:, None] & mv[None, :], other=0.)
+        if UPCAST:
+            b_k = b_k.to(tl.float32)
+            b_v = b_v.to(tl.float32)
+        mf = m.to(tl.float32)
+        if REVERSE:
+            kd = tl.where(mr, tl.exp2(-sl * tf), 0.)
+        else:
+            kd = tl.where(mr, tl.exp2(-sl * (mf - 1. - tf)), 0.)
+        S = S * tl.exp2(-sl * mf) + tl.dot(tl.trans(b_k), (b_v * kd[:, None]).to(b_k.dtype),
+                                           input_precision=DOT_PREC)
+    p_s = s_loc + ((i_n * H + i_h) * K + ok[:, None]).to(tl.int64) * V + ov[None, :]
+    tl.store(p_s, S, mask=mk[:, None] & mv[None, :])
+
+
+def _scan_chain(slog2, item_bos, item_eos, seq_items, s_loc, s_in,
+                s0, s0_si, s0_sh, s0_sk, s0_sv, s_fin,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+                HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr):
+    """Per sequence: incoming state of each of its items, then the sequence's final state."""
+    i_kv = tl.program_id(0)
+    i_s = tl.program_id(1)
+    i_h = tl.program_id(2)
+    i_k = i_kv // NV
+    i_v = i_kv % NV
+    a = tl.load(seq_items + i_s)
+    b = tl.load(seq_items + i_s + 1)
+    sl = tl.load(slog2 + i_h)
+    ok = i_k * BK + tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    msk = (ok < K)[:, None] & (ov < V)[None, :]
+    S = tl.full([BK, BV], 0., tl.float32)
+    if HAS_INIT:
+        p0 = s0 + i_s * s0_si + i_h * s0_sh + ok[:, None] * s0_sk + ov[None, :] * s0_sv
+        S += tl.load(p0, mask=msk, other=0.).to(tl.float32)
+    for j in range(0, b - a):
+        if REVERSE:
+            it = b - 1 - j
+        else:
+            it = a + j
+        off = ((it * H + i_h) * K + ok[:, None]).to(tl.int64) * V + ov[None, :]
+        tl.store(s_in + off, S, mask=msk)
+        ln = (tl.load(item_eos + it) - tl.load(item_bos + it)).to(tl.float32)
+        S = S * tl.exp2(-sl * ln) + tl.load(s_loc + off, mask=msk, other=0.)
+    if STORE_FINAL:
+        p_f = s_fin + ((i_s * H + i_h) * K + ok[:, None]).to(tl.int64) * V + ov[None, :]
+        tl.store(p_f, S, mask=msk)
+
+
+_JIT_CACHE: dict = {}
+_INTERP_FIXED = False
+
+
+def _fix_interpreter():
+    """Triton 3.6's interpreter holds scalars as 1-element arrays and turns them into loop bounds
+    with int(array), which numpy >= 2.4 refuses; give its tensors an __index__ that takes the one
+    element. Touches nothing outside interpreter runs."""
+    global _INTERP_FIXED
+    if _INTERP_FIXED:
+        return
+    from triton.runtime import interpreter as ti
+    orig = ti._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    ti._patch_lang_tensor = patched
+    _INTERP_FIXED = True
+
+
+def _jit(fn):
+    key = (fn.__name__, interpreting())
+    if key[1]:
+        _fix_interpreter()
+    if key not in _JIT_CACHE:
+        _JIT_CACHE[key] = triton.jit(fn)
+    return _JIT_CACHE[key]
+
+
+# --------------------------------------------------------------------------------------------
+# planning: work items
+# --------------------------------------------------------------------------------------------
+
+class Plan:
+    """Work items (token ranges inside one sequence) for one call shape; reused by the backward."""
+
+    def __init__(self, bounds: list[tuple[int, int]], seg_len: int | None, device):
+        bos, eos, seq_items = [], [], [0]
+        for a, b in bounds:
+            if seg_len is None or b - a <= seg_len:
+                bos.append(a)
+                eos.append(b)
+            else:
+                for s in range(a, b, seg_len):
+                    bos.append(s)
+                    eos.append(min(s + seg_len, b))
+            seq_items.append(len(bos))
+        self.n_seq = len(bounds)
+        self.n_items = len(bos)
+        self.two_pass = self.n_items != self.n_seq
+        self.seg_len = seg_len
+        idx = torch.tensor([bos, eos], dtype=torch.int32)
+        self.item_bos = idx[0].to(device)
+        self.item_eos = idx[1].to(device)
+        self.seq_items = torch.tensor(seq_items, dtype=torch.int32).to(device)
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def choose_seg_len(bounds, H, NV, device, seg_len=None):
+    """Sequence-split length: None (single pass) when the sequences alone fill the GPU."""
+    env = os.environ.get("MMTRAIN_LA_SEG")
+    if seg_len is None and env:
+        seg_len = int(env)
+    if seg_len is not None:
+        return None if seg_len <= 0 else seg_len
+    lens = [b - a for a, b in bounds]
+    total, longest = sum(lens), max(lens) if lens else 0
+    if longest == 0:
+        return None
+    slots = 2 * _num_sms(device)  # resident programs we want busy
+    # single pass: critical path is the longest sequence; balanced: total work over the slots
+    balanced = total * H * NV / slots
+    if longest <= 2.0 * balanced or longest <= 4096:
+        return None
+    seg = max(2048, int(math.ceil(balanced / 1024.0)) * 1024)
+    return seg
+
+
+# --------------------------------------------------------------------------------------------
+# launch
+# --------------------------------------------------------------------------------------------
+
+def _cfg(K, V, dtype, device):
+    interp = interpreting()
+    BK = max(16, triton.next_power_of_2(K))
+    BV_full = max(16, triton.next_power_of_2(V))
+    BV = min(BV_full, int(os.environ.get("MMTRAIN_LA_BV", "64")))
+    BT = int(os.environ.get("MMTRAIN_LA_BT", "64"))
+    return dict(BT=BT, BK=BK, BV=BV, UPCAST=interp,
+                DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
+                num_warps=int(os.environ.get("MMTRAIN_LA_WARPS", "4")),
+                num_stages=int(os.environ.get("MMTRAIN_LA_STAGES", "2")))
+
+
+def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final_state=False,
+                   reverse=False, out_dtype=None, block_t: int | None = None):
+    """o = scan attention (see module doc). q, k: [T, H, K] contiguous; v: [T, H, V] contiguous.
+
+    initial_state: [N, H, K, V] (any strides, any float dtype) or None.
+    Returns (o [T, H, V] in out_dtype or q's dtype, final [N, H, K, V] fp32 or None)."""
+    T, H, K = q.shape
+    V = v.shape[-1]
+    dev = q.device
+    cfg = _cfg(K, V, q.dtype, dev)
+    if block_t is not None:
+        cfg["BT"] = block_t
+    BT, BK, BV = cfg["BT"], cfg["BK"], cfg["BV"]
+    NV = triton.cdiv(V, BV)
+    slog2 = (slopes.detach().to(device=dev, dtype=torch.float32) * LOG2E).contiguous()
+    o = torch.empty((T, H, V), dtype=out_dtype or q.dtype, device=dev)
+    N, I = plan.n_seq, plan.n_items
+    final = (torch.empty((N, H, K, V), dtype=torch.float32, device=dev)
+             if output_final_state else None)
+    common = dict(UPCAST=cfg["UPCAST"], DOT_PREC=cfg["DOT_PREC"])
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if I == 0:
+        if output_final_state:
+            final.copy_(initial_state.float() if initial_state is not None else 0.)
+        return o, final
+    dummy = slog2
+    if not plan.two_pass:
+        s0 = initial_state
+        st = s0.stride() if s0 is not None else (0, 0, 0, 0)
+        _jit(_scan_out)[(NV, I, H)](
+            q, k, v, o, slog2, plan.item_bos, plan.item_eos,
+            s0 if s0 is not None else dummy, *st, final if final is not None else dummy,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_INIT=s0 is not None,
+            STORE_FINAL=output_final_state, REVERSE=reverse, **common, **launch)
+        return o, final
+    # two pass: local item states, chain them per sequence, then the outputs
+    SBK, SBV = min(BK, 64), min(triton.next_power_of_2(V), 64)
+    SNK, SNV = triton.cdiv(K, SBK), triton.cdiv(V, SBV)
+    s_loc = torch.empty((I, H, K, V), dtype=torch.float32, device=dev)
+    _jit(_scan_state)[(SNK * SNV, I, H)](
+        k, v, slog2, plan.item_bos, plan.item_eos, s_loc,
+        H=H, K=K, V=V, BT=BT, BK=SBK, BV=SBV, NV=SNV, REVERSE=reverse, **common, **launch)
+    s_in = torch.empty_like(s_loc)
+    s0 = initial_state
+    st = s0.stride() if s0 is not None else (0, 0, 0, 0)
+    _jit(_scan_chain)[(SNK * SNV, N, H)](
+        slog2, plan.item_bos, plan.item_eos, plan.seq_items, s_loc, s_in,
+        s0 if s0 is not None else dummy, *st, final if final is not None else dummy,
+        H=H, K=K, V=V, BK=SBK, BV=SBV, NV=SNV, HAS_INIT=s0 is not None,
+        STORE_FINAL=output_final_state, REVERSE=reverse, num_warps=4)
+    _jit(_scan_out)[(NV, I, H)](
+        q, k, v, o, slog2, plan.item_bos, plan.item_eos,
+        s_in, *s_in.stride(), dummy,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_INIT=True,
+        STORE_FINAL=False, REVERSE=reverse, **common, **launch)
+    return o, final

@@ -1,0 +1,146 @@
+"""Triton lightning attention under the CPU interpreter, against the torch references (SPEC §2).
+
+The kernel module reads TRITON_INTERPRET lazily at call time, so each test sets it with
+monkeypatch (undone after the test) and nothing leaks into other test folders of the same
+pytest process.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from mmtrain.kernels.lightning import (lightning_attn, lightning_attn_block,  # noqa: E402
+                                       lightning_attn_recurrent)
+
+CU = [0, 50, 150, 207]  # 3 packed sequences of unequal lengths, none a multiple of the block (64)
+
+
+@pytest.fixture
+def interp(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _inputs(B, T, H, K, V, dtype, n_state, seed=0, with_state=True):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, T, H, K, generator=g) * 0.5).to(dtype)
+    k = (torch.randn(B, T, H, K, generator=g) * 0.5).to(dtype)
+    v = torch.randn(B, T, H, V, generator=g).to(dtype)
+    s0 = torch.randn(n_state, H, K, V, generator=g) if with_state else None
+    slopes = torch.tensor([0.02, 0.15, 0.7, 1.5][:H], dtype=torch.float32)
+    w_o = torch.randn(B, T, H, V, generator=g)
+    w_f = torch.randn(n_state, H, K, V, generator=g)
+    return q, k, v, s0, slopes, w_o, w_f
+
+
+def _run(fn, q, k, v, slopes, cu, s0, w_o, w_f, dtype_compute=None):
+    """Forward, then grads of sum(o*w_o) + sum(final*w_f) w.r.t. q, k, v, s0."""
+    leaves = [x.detach().clone().to(dtype_compute or x.dtype).requires_grad_()
+              for x in (q, k, v)]
+    s0l = None
+    if s0 is not None:
+        s0l = s0.detach().clone().to(dtype_compute or torch.float32).requires_grad_()
+    sl = slopes.to(dtype_compute or torch.float32)
+    o, f = fn(*leaves, sl, cu, s0l, True)
+    loss = (o.to(w_o.dtype) * w_o.to(o.device)).sum().double() \
+        + (f.to(w_f.dtype) * w_f.to(f.device)).sum().double()
+    loss.backward()
+    grads = [x.grad for x in leaves] + ([s0l.grad] if s0l is not None else [])
+    return o.detach(), f.detach(), grads
+
+
+@pytest.mark.parametrize("dtype,seg", [(torch.float32, 0), (torch.float32, 64),
+                                       (torch.bfloat16, 0), (torch.bfloat16, 64)])
+def test_packed_with_states(interp, dtype, seg):
+    """Packed varlen, initial and final states, all gradients; single pass and sequence-split."""
+    H, K, V = 2, 32, 32
+    cu = torch.tensor(CU, dtype=torch.int32)
+    T = CU[-1]
+    q, k, v, s0, slopes, w_o, w_f = _inputs(1, T, H, K, V, dtype, len(CU) - 1)
+
+    def kern(*a):
+        return lightning_attn(*a, seg_len=seg)
+
+    o, f, g = _run(kern, q, k, v, slopes, cu, s0, w_o, w_f)
+    ro, rf, rg = _run(lightning_attn_recurrent, q, k, v, slopes, cu, s0, w_o, w_f,
+                      dtype_compute=torch.float64)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert o.dtype == dtype and f.dtype == torch.float32
+    assert rel(o, ro) < tol
+    assert rel(f, rf) < tol
+    for name, a, b in zip(["dq", "dk", "dv", "ds0"], g, rg):
+        assert a.dtype == (dtype if name != "ds0" else torch.float32)
+        assert rel(a, b) < tol, (name, rel(a, b))
+    if dtype == torch.float32:  # and the block reference (the model's CPU path) agrees as well
+        bo, bf, bg = _run(lightning_attn_block, q, k, v, slopes, cu, s0, w_o, w_f)
+        assert rel(o, bo) < tol and rel(f, bf) < tol
+        for a, b in zip(g, bg):
+            assert rel(a, b) < tol
+
+
+@pytest.mark.parametrize("seg", [0, 64])
+def test_batched_no_state_d96(interp, seg):
+    """Batched [B, T, H, d], head dim 96 (not a power of two, K != V), no initial state."""
+    B, T, H, K, V = 2, 90, 1, 96, 64
+    q, k, v, _, slopes, w_o, w_f = _inputs(B, T, H, K, V, torch.float32, B, seed=1,
+                                           with_state=False)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o, f = lightning_attn(*leaves, slopes, None, None, False, seg_len=seg)
+    assert f is None
+    (o * w_o).sum().backward()
+    ref = [x.double().requires_grad_() for x in (q, k, v)]
+    ro, _ = lightning_attn_recurrent(*ref, slopes.double())
+    (ro * w_o.double()).sum().backward()
+    assert rel(o, ro) < 1e-4
+    for a, b in zip(leaves, ref):
+        assert rel(a.grad, b.grad) < 1e-4
+
+
+def test_final_state_only_gradient(interp):
+    """Gradient that flows only through the final state (the LASP+ path)."""
+    H, K, V = 1, 16, 16
+    cu = torch.tensor([0, 70, 100], dtype=torch.int32)
+    q, k, v, s0, slopes, _, w_f = _inputs(1, 100, H, K, V, torch.float32, 2, seed=2)
+    w_o = torch.zeros(1, 100, H, V)
+    o, f, g = _run(lambda *a: lightning_attn(*a, seg_len=32), q, k, v, slopes, cu, s0, w_o, w_f)
+    ro, rf, rg = _run(lightning_attn_block, q, k, v, slopes, cu, s0, w_o, w_f)
+    assert g[0].abs().max() == 0  # q does not reach the final state
+    for a, b in zip(g[1:], rg[1:]):
+        assert rel(a, b) < 1e-4
+
+
+def test_deterministic(interp):
+    H, K, V = 1, 16, 16
+    cu = torch.tensor([0, 33, 100], dtype=torch.int32)
+    q, k, v, s0, slopes, w_o, w_f = _inputs(1, 100, H, K, V, torch.bfloat16, 2, seed=3)
+    a = _run(lambda *x: lightning_attn(*x, seg_len=32), q, k, v, slopes, cu, s0, w_o, w_f)
+    b = _run(lambda *x: lightning_attn(*x, seg_len=32), q, k, v, slopes, cu, s0, w_o, w_f)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for x, y in zip(a[2], b[2]):
+        assert torch.equal(x, y)
+
+
+def test_cpu_fallback_is_reference(monkeypatch):
+    """Without the interpreter, CPU tensors take the torch block reference."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, s0, slopes, _, _ = _inputs(1, 40, 2, 8, 8, torch.float32, 2, seed=4)
+    cu = torch.tensor([0, 15, 40])
+    o, f = lightning_attn(q, k, v, slopes, cu, s0, True)
+    bo, bf = lightning_attn_block(q, k, v, slopes, cu, s0, True)
+    assert torch.equal(o, bo) and torch.equal(f, bf)
+
+
+def test_rejects_bad_shapes(interp):
+    q = torch.randn(2, 10, 1, 16)
+    with pytest.raises(ValueError):
+        lightning_attn(q, q, q, torch.ones(1), torch.tensor([0, 10]))
+    with pytest.raises(ValueError):
+        lightning_attn(q, q, q, torch.ones(1), None, torch.zeros(3, 1, 16, 16))
