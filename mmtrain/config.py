@@ -33,7 +33,7 @@ class ModelConfig:
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
-    head_dim: int = 32
+    head_dim: Optional[int] = 32  # null: hidden_size // num_heads (must divide)
     num_kv_heads: int = 2
     # Layer layout: softmax at every k-th layer (0-based l with (l+1) % k == 0), or the explicit list
     # ``softmax_layers`` (takes precedence). softmax_every=0 and softmax_layers=[] mean all-lightning;
@@ -79,6 +79,11 @@ class ModelConfig:
         return self.head_dim // 2 if self.rotary_dim is None else int(self.rotary_dim)
 
     def validate(self, path: str = "model") -> None:
+        if self.head_dim is None:
+            if self.num_heads < 1 or self.hidden_size % self.num_heads:
+                _fail(f"{path}.num_heads", f"{self.num_heads} heads do not divide hidden_size="
+                      f"{self.hidden_size}; choose a divisor of hidden_size or set model.head_dim")
+            self.head_dim = self.hidden_size // self.num_heads
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim",
                      "num_kv_heads", "num_experts", "top_k", "ffn_hidden_size",
                      "lightning_block_size"):
@@ -141,9 +146,12 @@ class TrainConfig:
     micro_batch: int = 8  # rows per forward/backward on one data-parallel rank
     lr: float = 3e-3
     min_lr: float = 3e-4
-    schedule: str = "cosine"  # constant | cosine | exp_decay | wsd_exp (warm-up, constant, exp decay)
+    # constant: linear warm-up then lr. cosine: warm-up then cosine from lr to min_lr at max_steps.
+    # exp_decay: warm-up, constant lr until decay_start, then exponential decay reaching min_lr at
+    # max_steps (the paper's main-run shape: 2e-4 constant, then decay to 3e-5).
+    schedule: str = "cosine"
     warmup_steps: int = 20
-    decay_start: int = 0  # exp_decay / wsd_exp: step where the exponential decay starts
+    decay_start: int = 0  # exp_decay: step where the exponential decay starts (>= warmup_steps)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -167,9 +175,8 @@ class TrainConfig:
             _fail(f"{path}.lr", f"must be a positive learning rate, got {self.lr}")
         if self.min_lr < 0 or self.min_lr > self.lr:
             _fail(f"{path}.min_lr", f"must be within 0..lr={self.lr}, got {self.min_lr}")
-        if self.schedule not in ("constant", "cosine", "exp_decay", "wsd_exp"):
-            _fail(f"{path}.schedule", f"unknown '{self.schedule}'; use constant, cosine, exp_decay "
-                  f"or wsd_exp")
+        if self.schedule not in ("constant", "cosine", "exp_decay"):
+            _fail(f"{path}.schedule", f"unknown '{self.schedule}'; use constant, cosine or exp_decay")
         if self.warmup_steps < 0:
             _fail(f"{path}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if self.weight_decay < 0:

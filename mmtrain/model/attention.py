@@ -1,0 +1,90 @@
+"""The two attention layer kinds of MiniMax-01 (SPEC §2, §3).
+
+Legend: T tokens of the packed micro-batch (rows flattened), D hidden size, H heads, G KV heads,
+K head dim. Inputs are ``x_TD`` with ``cu_seqlens`` [N+1] document boundaries over T.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmtrain.config import ModelConfig
+from mmtrain.model.layers import (RMSNorm, apply_partial_rope, lightning_slopes, rope_cos_sin,
+                                  xavier_normal_)
+from mmtrain.model.ops import LightningOp, SoftmaxOp
+
+
+class LightningAttention(nn.Module):
+    """SiLU qkv (per-head layout) → decayed linear attention → full-width RMSNorm → sigmoid gate
+    → out projection."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        width = cfg.num_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, 3 * width, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.out_proj = nn.Linear(width, cfg.hidden_size, bias=False)
+        self.norm = RMSNorm(width, cfg.lightning_norm_eps)
+        # Fixed, never learned; not in the state dict (a function of the layer index alone).
+        self.register_buffer("slopes", lightning_slopes(layer_idx, cfg.num_layers, cfg.num_heads)
+                             .to(torch.float32), persistent=False)
+        self.layer_idx = layer_idx
+        self.core = LightningOp(cfg.lightning_block_size)
+
+    def forward(self, x_TD, cu_seqlens, position_ids=None):
+        T = x_TD.shape[0]
+        H, K = self.num_heads, self.head_dim
+        qkv = F.silu(self.qkv_proj(x_TD)).view(T, H, 3 * K)
+        q, k, v = qkv.split(K, dim=-1)  # per-head layout: [q_h | k_h | v_h] for each head
+        o, _ = self.core(q[None], k[None], v[None], self.slopes, cu_seqlens)
+        o = self.norm(o[0].reshape(T, H * K).to(x_TD.dtype))
+        o = o * torch.sigmoid(self.gate_proj(x_TD))
+        return self.out_proj(o)
+
+    def reset_parameters(self, beta: float, generator=None):
+        xavier_normal_(self.qkv_proj.weight, generator=generator)
+        K = self.head_dim
+        with torch.no_grad():  # DeepNet's β on the value projection: the v slice of every head
+            w = self.qkv_proj.weight.view(self.num_heads, 3 * K, -1)
+            w[:, 2 * K:, :] *= beta
+        xavier_normal_(self.gate_proj.weight, generator=generator)
+        xavier_normal_(self.out_proj.weight, gain=beta, generator=generator)
+        self.norm.reset_parameters()
+
+
+class SoftmaxAttention(nn.Module):
+    """GQA softmax attention with partial RoPE (first ``rotary_dim`` dims of each head)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.rotary_dim = cfg.rope_dim
+        self.rope_theta = cfg.rope_theta
+        self.layer_idx = layer_idx
+        self.core = SoftmaxOp()
+
+    def forward(self, x_TD, cu_seqlens, position_ids):
+        T = x_TD.shape[0]
+        q = self.q_proj(x_TD).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
+        cos, sin = rope_cos_sin(position_ids, self.rotary_dim, self.rope_theta, q.dtype)
+        q = apply_partial_rope(q, cos, sin, self.rotary_dim)
+        k = apply_partial_rope(k, cos, sin, self.rotary_dim)
+        o = self.core(q, k, v, cu_seqlens, 1.0 / math.sqrt(self.head_dim))
+        return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+
+    def reset_parameters(self, beta: float, generator=None):
+        xavier_normal_(self.q_proj.weight, generator=generator)
+        xavier_normal_(self.k_proj.weight, generator=generator)
+        xavier_normal_(self.v_proj.weight, gain=beta, generator=generator)
+        xavier_normal_(self.o_proj.weight, gain=beta, generator=generator)

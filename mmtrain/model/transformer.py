@@ -1,0 +1,101 @@
+"""The MiniMax-01 decoder (SPEC §1–5) in plain single-device PyTorch.
+
+Legend: B rows, T row length, P = B·T packed tokens, D hidden, V vocab.
+
+The rows of a batch are flattened into one packed stream of P tokens; ``cu_seqlens`` marks
+document (and row) boundaries so neither attention kind crosses one. DeepNorm post-norm (as
+released):  ``a = N_in(h); h1 = α·a + Attn(a); m = N_post(h1); h2 = α·m + MoE(m)``; the pre-norm
+option is ``h1 = h + Attn(N_in(h)); h2 = h1 + MoE(N_post(h1))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from mmtrain.config import ModelConfig
+from mmtrain.model.attention import LightningAttention, SoftmaxAttention
+from mmtrain.model.layers import RMSNorm, xavier_normal_
+from mmtrain.model.moe import MoE
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, V]
+    aux_loss: torch.Tensor  # mean over layers of E·Σ f·m (1 when balanced)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        attn_cls = LightningAttention if kind == "lightning" else SoftmaxAttention
+        self.attn = attn_cls(cfg, layer_idx)
+        self.moe = MoE(cfg)
+        self.deepnorm = cfg.norm_scheme == "deepnorm"
+        self.alpha = cfg.deepnorm_alpha if self.deepnorm else 1.0
+
+    def forward(self, h, cu_seqlens, position_ids):
+        if self.deepnorm:
+            a = self.input_norm(h)
+            h = self.alpha * a + self.attn(a, cu_seqlens, position_ids)
+            m = self.post_norm(h)
+            y, aux = self.moe(m)
+            return self.alpha * m + y, aux
+        h = h + self.attn(self.input_norm(h), cu_seqlens, position_ids)
+        y, aux = self.moe(self.post_norm(h))
+        return h + y, aux
+
+
+class MiniMaxModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, kind)
+                                    for i, kind in enumerate(cfg.layer_types()))
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    # ----------------------------------------------------------------------------------------
+    def reset_parameters(self, seed: int = 0):
+        """Xavier init with DeepNet's β on FFN (experts), value and output projections.
+
+        Runs on CPU with a seeded generator, so every layout that initialises the full model
+        gets the same weights."""
+        g = torch.Generator().manual_seed(seed)
+        beta = self.cfg.deepnorm_beta if self.cfg.norm_scheme == "deepnorm" else 1.0
+        with torch.no_grad():
+            self.embed.weight.normal_(0.0, self.cfg.embedding_init_std, generator=g)
+            for layer in self.layers:
+                layer.input_norm.reset_parameters()
+                layer.post_norm.reset_parameters()
+                layer.attn.reset_parameters(beta, g)
+                layer.moe.reset_parameters(beta, g)
+            self.final_norm.reset_parameters()
+            xavier_normal_(self.lm_head.weight, generator=g)
+
+    # ----------------------------------------------------------------------------------------
+    def forward(self, tokens, cu_seqlens=None, position_ids=None) -> ModelOutput:
+        """tokens [B, T]; cu_seqlens [N+1] over the flattened B·T (default: one sequence a row);
+        position_ids [B, T] (default: derived from cu_seqlens)."""
+        B, T = tokens.shape
+        P = B * T
+        if cu_seqlens is None:
+            cu_seqlens = torch.arange(0, P + 1, T, dtype=torch.int32, device=tokens.device)
+        if position_ids is None:
+            from mmtrain.data.batch import position_ids_from_cu_seqlens
+
+            position_ids = position_ids_from_cu_seqlens(cu_seqlens.cpu(), P).to(tokens.device)
+        pos = position_ids.reshape(P)
+        h = self.embed(tokens.reshape(P))
+        aux_total = h.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            h, aux = layer(h, cu_seqlens, pos)
+            aux_total = aux_total + aux
+        logits = self.lm_head(self.final_norm(h))
+        return ModelOutput(logits.view(B, T, -1), aux_total / max(len(self.layers), 1))

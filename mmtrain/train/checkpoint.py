@@ -1,0 +1,220 @@
+"""Checkpoints: torch.distributed.checkpoint (DCP) for tensors, JSON for everything else.
+
+Layout of ``<run dir>/checkpoints/``::
+
+    step_00000100/            complete checkpoints only (renamed into place at the very end)
+      .metadata, *.distcp     DCP: "model.<fqn>" and "optim.<fqn>.{exp_avg,exp_avg_sq,step}"
+      rank_00000.json         per-rank state: data loader, RNG states
+      meta.json               step, world size, config (written last, before the rename)
+    .tmp_step_00000200/       a write in progress (or killed): ignored and cleaned up
+
+The write goes to ``.tmp_step_*`` and is renamed into place only once every rank has finished, so
+a crash (even ``kill -9``) at any point leaves the previous checkpoint as the newest complete one.
+
+Loading never unpickles arbitrary objects: tensors load with ``weights_only=True`` (DCP) and
+DCP's metadata file is read by an unpickler that admits only DCP's own metadata classes, torch
+dtypes/sizes and paths. Optimizer hyper-parameters are not stored (they follow from the config
+and the step); only its per-parameter tensors are, keyed by parameter name, so a checkpoint can be
+loaded under another layout.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+# ------------------------------------------------------------------------------------- safety
+class _SafeUnpickler(pickle.Unpickler):
+    _ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata",
+                        "torch.distributed.checkpoint.filesystem",
+                        "torch.distributed.checkpoint.planner")
+    _ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+                ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+                ("builtins", "slice")}
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in self._ALLOWED or (module in self._ALLOWED_MODULES
+                                               and not name.startswith("__")):
+            obj = super().find_class(module, name)
+            if module in self._ALLOWED_MODULES and not isinstance(obj, type):
+                if not (name.startswith("_") and isinstance(obj, (dict, tuple))):
+                    raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}")
+            return obj
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, "
+                                     f"which a checkpoint never needs; refusing to load it")
+
+
+class SafeReader(FileSystemReader):
+    """DCP reader whose metadata load admits only DCP's own classes."""
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = Path(self.path) / ".metadata"
+        with open(path, "rb") as f:
+            metadata = _SafeUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# ----------------------------------------------------------------------------- state dicts
+def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      materialize: bool = False) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter tensors keyed ``<fqn>.<key>``.
+
+    With ``materialize`` a missing state (no step taken yet) is created as zeros so that it can be
+    loaded into in place."""
+    out = {}
+    fused = any(g.get("fused") for g in optimizer.param_groups)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        state = optimizer.state.get(p)
+        if not state:
+            if not materialize:
+                continue
+            step_dev = p.device if fused else torch.device("cpu")
+            state = optimizer.state[p] = {
+                "step": torch.zeros((), dtype=torch.float32, device=step_dev),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                out[f"{name}.{key}"] = value
+    return out
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def encode_rng() -> dict:
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def decode_rng(state: dict) -> None:
+    raw = base64.b64decode(state["torch"])
+    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        raw = base64.b64decode(state["cuda"])
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------------------------- save
+def checkpoint_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save(run_dir, step: int, model, optimizer, rank_state: dict[str, Any],
+         meta: dict[str, Any], keep_last: int) -> Path:
+    """Write a complete checkpoint of ``step`` (collective: every rank calls it)."""
+    root = checkpoint_root(run_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state.update({f"optim.{k}": v for k, v in optimizer_tensors(model, optimizer).items()})
+    dcp.save(state, checkpoint_id=str(tmp))
+    with open(tmp / f"rank_{_rank():05d}.json", "w") as f:
+        json.dump(rank_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _barrier()
+    if _rank() == 0:
+        with open(tmp / "meta.json", "w") as f:
+            json.dump({"step": step, "world_size": _world(), **meta}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        dfd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def complete_checkpoints(run_dir) -> list[Path]:
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.is_dir() and STEP_RE.match(p.name) and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def latest(run_dir) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune(root: Path, keep_last: int) -> None:
+    found = complete_checkpoints(root.parent)
+    for old in found[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp_step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------- load
+def read_meta(path) -> dict:
+    with open(Path(path) / "meta.json") as f:
+        return json.load(f)
+
+
+def load(path, model, optimizer=None) -> dict:
+    """Load model (and optimizer) tensors in place; return this rank's JSON state (or {} if the
+    checkpoint was written by fewer ranks)."""
+    path = Path(path)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if optimizer is not None:
+        state.update({f"optim.{k}": v for k, v in
+                      optimizer_tensors(model, optimizer, materialize=True).items()})
+    dcp.load(state, storage_reader=SafeReader(str(path)))
+    rank_file = path / f"rank_{_rank():05d}.json"
+    if rank_file.is_file():
+        with open(rank_file) as f:
+            return json.load(f)
+    with open(path / "rank_00000.json") as f:
+        return json.load(f)

@@ -1,0 +1,205 @@
+"""The training loop: one optimizer step = the micro-batches of one global batch on every rank.
+
+Loss normalisation (what makes every layout and accumulation give the same numbers): the LM loss
+of a step is the sum of token cross-entropies over the whole global batch divided by its number of
+loss tokens (counted across ranks before the first backward). The aux loss of a step is the mean of
+the per-micro-batch aux values (each the mean over layers of E·Σ f·m), times ``aux_loss_coef``.
+Gradients are summed across data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mmtrain.config import Config, ConfigError
+from mmtrain.train import checkpoint as ckpt
+from mmtrain.train.metrics import MetricsLogger, peak_flops
+from mmtrain.train.optim import build_optimizer, lr_at, set_lr
+
+
+@dataclass
+class TrainResult:
+    losses: list = field(default_factory=list)  # (step, loss) of the steps run in this call
+    final_step: int = 0
+    run_dir: str = ""
+
+
+def _resolve_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: 'cuda' requested but no GPU is visible; "
+                              "use train.device=cpu")
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def init_distributed(cfg: Config, device: torch.device) -> tuple[int, int]:
+    """Initialise the default process group under torchrun/Slurm; (rank, world) either way."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def check_layout(cfg: Config, world: int) -> int:
+    """Data-parallel size of this run; rejects layouts this build cannot run."""
+    p = cfg.parallel
+    for name in ("tp", "cp", "pp", "ep", "etp"):
+        if getattr(p, name) != 1:
+            raise ConfigError(f"parallel.{name}: {getattr(p, name)} is not supported by the "
+                              f"single-grid trainer yet; set parallel.{name}=1")
+    dp = world if p.dp == -1 else p.dp
+    if dp != world:
+        raise ConfigError(f"parallel.dp: {dp} does not match the world size {world}; "
+                          f"set parallel.dp={world} or -1")
+    if cfg.train.global_batch % (cfg.train.micro_batch * dp):
+        raise ConfigError(f"train.global_batch: {cfg.train.global_batch} is not a multiple of "
+                          f"train.micro_batch × dp = {cfg.train.micro_batch} × {dp}; "
+                          f"make it one")
+    return dp
+
+
+def _flat_allreduce(grads: list[torch.Tensor]) -> None:
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+def build_model(cfg: Config, device: torch.device):
+    from mmtrain.model import MiniMaxModel
+
+    model = MiniMaxModel(cfg.model)
+    model.reset_parameters(seed=cfg.train.seed)
+    return model.to(device)
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run (or resume) training as configured; every rank calls this."""
+    from mmtrain.data import DataLoader, build_dataset, build_tokenizer
+
+    # Everything that can be wrong with the recipe or the data fails here, before any collective.
+    tokenizer = build_tokenizer(cfg.data)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
+                          f"tokenizer's {tokenizer.vocab_size}; set model.vocab_size>="
+                          f"{tokenizer.vocab_size}")
+    dataset = build_dataset(cfg.data, tokenizer)
+    device = _resolve_device(cfg)
+    rank, world = init_distributed(cfg, device)
+    dp = check_layout(cfg, world)
+    tcfg = cfg.train
+    loader = DataLoader(dataset, tcfg.global_batch, tcfg.micro_batch, rank, dp, cfg.data.seed)
+
+    run_dir = Path(cfg.run.dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from omegaconf import OmegaConf
+
+        OmegaConf.save(OmegaConf.create(cfg.to_dict()), run_dir / "config.yaml")
+
+    torch.manual_seed(tcfg.seed)
+    model = build_model(cfg, device)
+    optimizer = build_optimizer(model, tcfg)
+    start_step = 0
+    latest = ckpt.latest(run_dir)
+    if latest is not None:
+        state = ckpt.load(latest, model, optimizer)
+        start_step = ckpt.read_meta(latest)["step"]
+        loader.load_state_dict(state["loader"])
+        ckpt.decode_rng(state["rng"])
+    if dist.is_initialized():
+        dist.barrier()
+
+    from mmtrain.model import account
+
+    acct = account(cfg.model, cfg.data.seq_len)
+    peak = peak_flops(device)
+    autocast = (device.type == "cuda" and tcfg.dtype in ("auto", "bf16")) or tcfg.dtype == "bf16"
+    logger = MetricsLogger(str(run_dir), cfg.to_dict(), tcfg.max_steps, start_step,
+                           enabled=rank == 0, progress=cfg.run.progress, wandb_cfg=cfg.run.wandb)
+    if latest is not None:
+        logger.message(f"resumed from {latest} at step {start_step}")
+    logger.message(f"model: {acct.params_total / 1e6:.2f}M params "
+                   f"({acct.params_active / 1e6:.2f}M active), {world} process(es) on {device}")
+    result = TrainResult(run_dir=str(run_dir), final_step=start_step)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    try:
+        for step in range(start_step, tcfg.max_steps):
+            t0 = time.time()
+            micro = [b.to(device) for b in loader.next_step()]
+            n_tok = torch.tensor([float(sum(b.loss_mask.sum().item() for b in micro))])
+            if dist.is_initialized():
+                dist.all_reduce(n_tok)
+            n_tok = max(n_tok.item(), 1.0)
+            n_micro_global = len(micro) * dp
+            lm_sum = torch.zeros((), dtype=torch.float64)
+            aux_sum = torch.zeros((), dtype=torch.float64)
+            drops = torch.zeros(2, dtype=torch.float64)
+            for batch in micro:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    out = model(batch.tokens, batch.cu_seqlens, batch.position_ids)
+                ce = F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]),
+                                     batch.labels.view(-1), reduction="none")
+                lm = (ce * batch.loss_mask.view(-1)).sum()
+                loss = lm / n_tok + tcfg.aux_loss_coef * out.aux_loss / n_micro_global
+                loss.backward()
+                lm_sum += lm.detach().double().cpu()
+                aux_sum += out.aux_loss.detach().double().cpu()
+                for layer in model.layers:
+                    st = layer.moe.last_stats
+                    drops += torch.tensor([st["dropped"], st["slots"]], dtype=torch.float64)
+            stats = torch.cat([lm_sum.view(1), aux_sum.view(1), drops])
+            if dist.is_initialized():
+                _flat_allreduce([p.grad for p in params if p.grad is not None])
+                dist.all_reduce(stats)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+            lr = lr_at(step, tcfg)
+            set_lr(optimizer, lr)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            loss_val = stats[0].item() / n_tok
+            dt = time.time() - t0
+            tokens = tcfg.global_batch * cfg.data.seq_len
+            tps = tokens / max(dt, 1e-9)
+            record = {"step": step + 1, "loss": loss_val, "lr": lr,
+                      "aux_loss": stats[1].item() / n_micro_global,
+                      "grad_norm": float(grad_norm), "tokens_per_s": tps,
+                      "drop_rate": stats[2].item() / max(stats[3].item(), 1.0),
+                      "step_time_s": dt,
+                      "mfu": (acct.flops_per_token * tps / (peak * world)) if peak else None}
+            logger.log(record)
+            result.losses.append((step + 1, loss_val))
+            result.final_step = step + 1
+            done = step + 1 == tcfg.max_steps
+            if done or (tcfg.ckpt_every and (step + 1) % tcfg.ckpt_every == 0):
+                ckpt.save(run_dir, step + 1, model, optimizer,
+                          {"loader": loader.state_dict(), "rng": ckpt.encode_rng()},
+                          {"config": cfg.to_dict()}, tcfg.keep_last)
+    finally:
+        logger.close()
+    result.model = model  # type: ignore[attr-defined]
+    return result

@@ -1,0 +1,30 @@
+"""Shared test helpers. Tests run on CPU; distributed tests use gloo with short timeouts."""
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for child processes: quiet, single-threaded, no GPU, repo importable."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env.update({"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"})
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable
