@@ -26,6 +26,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,9 @@ def save(run_dir, step: int, model, optimizer, rank_state: dict[str, Any],
     _barrier()
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     state.update({f"optim.{k}": v for k, v in optimizer_tensors(model, optimizer).items()})
-    dcp.save(state, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # single-process runs: DCP warns that it has no group
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(state, checkpoint_id=str(tmp))
     with open(tmp / f"rank_{_rank():05d}.json", "w") as f:
         json.dump(rank_state, f)
         f.flush()
@@ -211,7 +214,9 @@ def load(path, model, optimizer=None) -> dict:
     if optimizer is not None:
         state.update({f"optim.{k}": v for k, v in
                       optimizer_tensors(model, optimizer, materialize=True).items()})
-    dcp.load(state, storage_reader=SafeReader(str(path)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, storage_reader=SafeReader(str(path)))
     rank_file = path / f"rank_{_rank():05d}.json"
     if rank_file.is_file():
         with open(rank_file) as f:

@@ -1,0 +1,44 @@
+"""The command line: bad input fails before training with one line naming the field and the fix."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import subprocess_env
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mmtrain", *args], capture_output=True,
+                          text=True, env=subprocess_env(), cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("train.bogus=1", "train.bogus"),
+    ("train.lr=-0.1", "train.lr"),
+    ("model.num_heads=5", "model.num_heads"),
+    ("model.softmax_layers=[1,7]", "model.softmax_layers"),
+    ("data.tokenizer=/nonexistent/tokenizer.json", "data.tokenizer"),
+])
+def test_bad_input_fails_with_one_line(tmp_path, override, field):
+    out = run_cli("train", override, f"run.dir={tmp_path}/run")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"error: {field}:"), lines[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_empty_corpus_fails_with_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = run_cli("train", f"data.corpus={empty}", f"run.dir={tmp_path}/run")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: data.corpus:"), out.stderr
+
+
+def test_info_prints_layout_and_counts():
+    out = run_cli("info")
+    assert out.returncode == 0, out.stderr
+    assert "layout: LLLS" in out.stdout and "params total" in out.stdout
