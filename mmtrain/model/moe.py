@@ -128,9 +128,10 @@ class LocalDispatcher:
 
     def combine(self, y_SD: torch.Tensor, routing: Routing, ctx) -> torch.Tensor:
         tokens, slot_ids, T = ctx
-        w = routing.weight_TK.reshape(-1)[slot_ids].to(y_SD.dtype)
-        out = y_SD.new_zeros((T, y_SD.shape[-1]))
-        out.index_add_(0, tokens, y_SD * w[:, None])
+        w = routing.weight_TK.reshape(-1)[slot_ids]
+        acc = torch.promote_types(y_SD.dtype, w.dtype)  # sum the k experts in fp32 (or fp64)
+        out = y_SD.new_zeros((T, y_SD.shape[-1]), dtype=acc)
+        out.index_add_(0, tokens, y_SD.to(acc) * w[:, None].to(acc))
         return out
 
 
