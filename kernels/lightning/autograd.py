@@ -39,7 +39,7 @@ class _LightningAttnFn(torch.autograd.Function):
         q_, k_, v_ = (x.contiguous().view(B * T, H, x.shape[-1]) for x in (q, k, v))
         bv = int(ts._cfg(K, V, q.dtype, q.device)["BV"])
         seg = ts.choose_seg_len(bounds, H, -(-V // bv), q.device, seg_len)
-        plan = ts.Plan(bounds, seg, q.device)
+        plan = ts.get_plan(bounds, seg, q.device)
         o, final = ts.scan_attention(q_, k_, v_, slopes, plan, initial_state, output_final_state)
         ctx.save_for_backward(q_, k_, v_, slopes, initial_state)
         ctx.bounds, ctx.seg_len, ctx.shape = bounds, seg_len, (B, T, H, K, V)
@@ -59,19 +59,19 @@ class _LightningAttnFn(torch.autograd.Function):
             Y = dfinal.float() * torch.exp(s)[None, :, None, None]  # dS_final / lam
         # dq: forward scan with (q, k, v) -> (do, v, k), state S^T (V x K)
         bk = int(ts._cfg(V, K, do_.dtype, dev)["BV"])
-        plan_q = ts.Plan(ctx.bounds, ts.choose_seg_len(ctx.bounds, H, -(-K // bk), dev, ctx.seg_len), dev)
+        plan_q = ts.get_plan(ctx.bounds, ts.choose_seg_len(ctx.bounds, H, -(-K // bk), dev, ctx.seg_len), dev)
         dq, _ = ts.scan_attention(do_, v_, k_, slopes, plan_q,
                                   s0.transpose(-1, -2) if s0 is not None else None,
                                   out_dtype=q_.dtype)
         # dv (and dS0): reverse scan with (k, q, do), state R (K x V)
         bv = int(ts._cfg(K, V, k_.dtype, dev)["BV"])
-        plan_v = ts.Plan(ctx.bounds, ts.choose_seg_len(ctx.bounds, H, -(-V // bv), dev, ctx.seg_len), dev)
+        plan_v = ts.get_plan(ctx.bounds, ts.choose_seg_len(ctx.bounds, H, -(-V // bv), dev, ctx.seg_len), dev)
         need_ds0 = ctx.has_init and ctx.needs_input_grad[4]
         dv, fin = ts.scan_attention(k_, q_, do_, slopes, plan_v, Y, output_final_state=need_ds0,
                                     reverse=True, out_dtype=v_.dtype)
         # dk: reverse scan with (v, do, q), state R^T (V x K)
         bk2 = int(ts._cfg(V, K, v_.dtype, dev)["BV"])
-        plan_k = ts.Plan(ctx.bounds, ts.choose_seg_len(ctx.bounds, H, -(-K // bk2), dev, ctx.seg_len), dev)
+        plan_k = ts.get_plan(ctx.bounds, ts.choose_seg_len(ctx.bounds, H, -(-K // bk2), dev, ctx.seg_len), dev)
         dk, _ = ts.scan_attention(v_, do_, q_, slopes, plan_k,
                                   Y.transpose(-1, -2) if Y is not None else None,
                                   reverse=True, out_dtype=k_.dtype)

@@ -275,6 +275,20 @@ class Plan:
         self.seq_items = torch.tensor(seq_items, dtype=torch.int32).to(device)
 
 
+_PLAN_CACHE: dict = {}
+
+
+def get_plan(bounds, seg_len, device) -> Plan:
+    """Plans are cached per (bounds, seg_len, device): the index tensors are built once."""
+    key = (tuple(bounds), seg_len, str(device))
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        if len(_PLAN_CACHE) > 256:
+            _PLAN_CACHE.clear()
+        plan = _PLAN_CACHE[key] = Plan(bounds, seg_len, device)
+    return plan
+
+
 def _num_sms(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -290,15 +304,16 @@ def choose_seg_len(bounds, H, NV, device, seg_len=None):
         return None if seg_len <= 0 else seg_len
     lens = [b - a for a, b in bounds]
     total, longest = sum(lens), max(lens) if lens else 0
-    if longest == 0:
+    if longest <= 2048:
         return None
-    slots = 2 * _num_sms(device)  # resident programs we want busy
-    # single pass: critical path is the longest sequence; balanced: total work over the slots
-    balanced = total * H * NV / slots
-    if longest <= 2.0 * balanced or longest <= 4096:
+    # Single pass: one program per (sequence, head, V tile), each walks its whole sequence; its
+    # time is set by the longest sequence. Balanced: the same work spread over every SM. The
+    # split costs a second read of k and v (6 instead of 4 units of traffic), so split only when
+    # the single pass would leave SMs idle for a long time.
+    balanced = total * H * NV / _num_sms(device)
+    if longest <= 1.5 * balanced:
         return None
-    seg = max(2048, int(math.ceil(balanced / 1024.0)) * 1024)
-    return seg
+    return max(2048, int(math.ceil(balanced / 2 / 1024.0)) * 1024)
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,7 +329,7 @@ def _cfg(K, V, dtype, device):
     return dict(BT=BT, BK=BK, BV=BV, UPCAST=interp,
                 DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
                 num_warps=int(os.environ.get("MMTRAIN_LA_WARPS", "4")),
-                num_stages=int(os.environ.get("MMTRAIN_LA_STAGES", "2")))
+                num_stages=int(os.environ.get("MMTRAIN_LA_STAGES", "3")))
 
 
 def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final_state=False,
