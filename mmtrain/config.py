@@ -207,8 +207,11 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     etp: int = 1
-    sequence_parallel: bool = False
-    zero1: bool = False
+    # null: on whenever tp > 1. Tensor parallelism always runs with sequence parallelism (the MoE
+    # routes each TP rank's sequence shard); false with tp > 1 is rejected.
+    sequence_parallel: Optional[bool] = None
+    zero1: bool = False  # shard the optimizer state (and fp32 master shard) over DP / EDP
+    bucket_mb: float = 40.0  # gradient-reduction bucket size (fp32 MiB)
     order: str = "tp-cp-ep-dp-pp"
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     timeout_s: int = 600
@@ -223,6 +226,8 @@ class ParallelConfig:
             _fail(f"{path}.backend", f"unknown '{self.backend}'; use auto, gloo or nccl")
         if self.timeout_s < 1:
             _fail(f"{path}.timeout_s", f"must be >= 1, got {self.timeout_s}")
+        if not self.bucket_mb > 0:
+            _fail(f"{path}.bucket_mb", f"must be > 0, got {self.bucket_mb}")
 
 
 @dataclass

@@ -139,8 +139,11 @@ def checkpoint_root(run_dir: str | os.PathLike) -> Path:
 
 
 def save(run_dir, step: int, model, optimizer, rank_state: dict[str, Any],
-         meta: dict[str, Any], keep_last: int) -> Path:
-    """Write a complete checkpoint of ``step`` (collective: every rank calls it)."""
+         meta: dict[str, Any], keep_last: int, tensors: dict | None = None) -> Path:
+    """Write a complete checkpoint of ``step`` (collective: every rank calls it).
+
+    ``tensors``: the DCP state to write instead of ``model``'s and ``optimizer``'s (a sharded
+    layout passes its full logical tensors under the same keys, see ``mmtrain.parallel.apply``)."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -150,8 +153,11 @@ def save(run_dir, step: int, model, optimizer, rank_state: dict[str, Any],
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    state.update({f"optim.{k}": v for k, v in optimizer_tensors(model, optimizer).items()})
+    if tensors is not None:
+        state = dict(tensors)
+    else:
+        state = {f"model.{k}": v for k, v in model.state_dict().items()}
+        state.update({f"optim.{k}": v for k, v in optimizer_tensors(model, optimizer).items()})
     with warnings.catch_warnings():  # single-process runs: DCP warns that it has no group
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save(state, checkpoint_id=str(tmp))
@@ -206,12 +212,18 @@ def read_meta(path) -> dict:
         return json.load(f)
 
 
-def load(path, model, optimizer=None) -> dict:
-    """Load model (and optimizer) tensors in place; return this rank's JSON state (or {} if the
-    checkpoint was written by fewer ranks)."""
+def load(path, model, optimizer=None, tensors: dict | None = None) -> dict:
+    """Load model (and optimizer) tensors in place; return this rank's JSON state (rank 0's if
+    the checkpoint was written by fewer ranks).
+
+    ``tensors``: load into these (full-shape) tensors instead of ``model``'s and
+    ``optimizer``'s; a sharded layout then slices them (``mmtrain.parallel.apply``)."""
     path = Path(path)
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    if optimizer is not None:
+    if tensors is not None:
+        state = tensors
+    else:
+        state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if optimizer is not None and tensors is None:
         state.update({f"optim.{k}": v for k, v in
                       optimizer_tensors(model, optimizer, materialize=True).items()})
     with warnings.catch_warnings():

@@ -5,6 +5,11 @@ of a step is the sum of token cross-entropies over the whole global batch divide
 loss tokens (counted across ranks before the first backward). The aux loss of a step is the mean of
 the per-micro-batch aux values (each the mean over layers of E·Σ f·m), times ``aux_loss_coef``.
 Gradients are summed across data-parallel ranks.
+
+Everything distributed goes through the :class:`mmtrain.parallel.apply.Parallel` handle that
+``parallelize`` returns (TP/SP sharding, vocab-parallel loss, bucketed gradient reduction over
+DP/EDP, ZeRO-1, global-norm clipping, full-tensor checkpoints); in a single process it is plain
+PyTorch. TP ranks of one DP rank see the same data and compute the same loss.
 """
 
 from __future__ import annotations
@@ -17,12 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from mmtrain.config import Config, ConfigError
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train.metrics import MetricsLogger, peak_flops
-from mmtrain.train.optim import build_optimizer, lr_at, set_lr
+from mmtrain.train.optim import lr_at, set_lr
 
 
 @dataclass
@@ -56,34 +60,12 @@ def init_distributed(cfg: Config, device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def check_layout(cfg: Config, world: int) -> int:
-    """Data-parallel size of this run; rejects layouts this build cannot run."""
-    p = cfg.parallel
-    for name in ("tp", "cp", "pp", "ep", "etp"):
-        if getattr(p, name) != 1:
-            raise ConfigError(f"parallel.{name}: {getattr(p, name)} is not supported by the "
-                              f"single-grid trainer yet; set parallel.{name}=1")
-    dp = world if p.dp == -1 else p.dp
-    if dp != world:
-        raise ConfigError(f"parallel.dp: {dp} does not match the world size {world}; "
-                          f"set parallel.dp={world} or -1")
-    if cfg.train.global_batch % (cfg.train.micro_batch * dp):
-        raise ConfigError(f"train.global_batch: {cfg.train.global_batch} is not a multiple of "
-                          f"train.micro_batch × dp = {cfg.train.micro_batch} × {dp}; "
-                          f"make it one")
-    return dp
+def check_layout(cfg: Config, world: int):
+    """The validated :class:`~mmtrain.parallel.topology.Topology` of this run; rejects layouts
+    this build cannot run (a ConfigError naming the field)."""
+    from mmtrain.parallel.apply import check_layout as check
 
-
-def _flat_allreduce(grads: list[torch.Tensor]) -> None:
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g))
-        offset += n
+    return check(cfg, world)
 
 
 def build_model(cfg: Config, device: torch.device):
@@ -92,6 +74,22 @@ def build_model(cfg: Config, device: torch.device):
     model = MiniMaxModel(cfg.model)
     model.reset_parameters(seed=cfg.train.seed)
     return model.to(device)
+
+
+def build_parallel(cfg: Config, topology, device: torch.device):
+    """The full model, initialised on CPU with the seed (identical in every layout), then
+    sharded for this rank; ``(model, Parallel)``."""
+    from mmtrain.parallel.apply import GROUPS_USED, parallelize
+
+    groups = None
+    if dist.is_initialized():
+        from mmtrain.parallel.groups import create_process_groups
+
+        groups = create_process_groups(
+            topology, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
+            names=GROUPS_USED)
+    model = build_model(cfg, torch.device("cpu"))
+    return model, parallelize(model, topology, groups, cfg.parallel, device)
 
 
 def train(cfg: Config) -> TrainResult:
@@ -107,9 +105,10 @@ def train(cfg: Config) -> TrainResult:
     dataset = build_dataset(cfg.data, tokenizer)
     device = _resolve_device(cfg)
     rank, world = init_distributed(cfg, device)
-    dp = check_layout(cfg, world)
+    topology = check_layout(cfg, world)
+    dp, dp_rank = topology.dp, topology.rank_info(rank).dp
     tcfg = cfg.train
-    loader = DataLoader(dataset, tcfg.global_batch, tcfg.micro_batch, rank, dp, cfg.data.seed)
+    loader = DataLoader(dataset, tcfg.global_batch, tcfg.micro_batch, dp_rank, dp, cfg.data.seed)
 
     run_dir = Path(cfg.run.dir)
     if rank == 0:
@@ -119,12 +118,12 @@ def train(cfg: Config) -> TrainResult:
         OmegaConf.save(OmegaConf.create(cfg.to_dict()), run_dir / "config.yaml")
 
     torch.manual_seed(tcfg.seed)
-    model = build_model(cfg, device)
-    optimizer = build_optimizer(model, tcfg)
+    model, par = build_parallel(cfg, topology, device)
+    optimizer = par.build_optimizer(tcfg)
     start_step = 0
     latest = ckpt.latest(run_dir)
     if latest is not None:
-        state = ckpt.load(latest, model, optimizer)
+        state = par.load_checkpoint(latest, optimizer)
         start_step = ckpt.read_meta(latest)["step"]
         loader.load_state_dict(state["loader"])
         ckpt.decode_rng(state["rng"])
@@ -143,39 +142,34 @@ def train(cfg: Config) -> TrainResult:
     logger.message(f"model: {acct.params_total / 1e6:.2f}M params "
                    f"({acct.params_active / 1e6:.2f}M active), {world} process(es) on {device}")
     result = TrainResult(run_dir=str(run_dir), final_step=start_step)
-    params = [p for p in model.parameters() if p.requires_grad]
 
     try:
         for step in range(start_step, tcfg.max_steps):
             t0 = time.time()
             micro = [b.to(device) for b in loader.next_step()]
             n_tok = torch.tensor([float(sum(b.loss_mask.sum().item() for b in micro))])
-            if dist.is_initialized():
-                dist.all_reduce(n_tok)
-            n_tok = max(n_tok.item(), 1.0)
+            n_tok = max(par.all_reduce(n_tok, "dp").item(), 1.0)
             n_micro_global = len(micro) * dp
             lm_sum = torch.zeros((), dtype=torch.float64)
             aux_sum = torch.zeros((), dtype=torch.float64)
             drops = torch.zeros(2, dtype=torch.float64)
-            for batch in micro:
+            for i, batch in enumerate(micro):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     out = model(batch.tokens, batch.cu_seqlens, batch.position_ids)
-                ce = F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]),
-                                     batch.labels.view(-1), reduction="none")
+                ce = par.token_ce(out.logits.float(), batch.labels)
                 lm = (ce * batch.loss_mask.view(-1)).sum()
                 loss = lm / n_tok + tcfg.aux_loss_coef * out.aux_loss / n_micro_global
+                par.prepare_backward(last_micro_batch=i == len(micro) - 1)
                 loss.backward()
                 lm_sum += lm.detach().double().cpu()
                 aux_sum += out.aux_loss.detach().double().cpu()
                 for layer in model.layers:
                     st = layer.moe.last_stats
                     drops += torch.tensor([st["dropped"], st["slots"]], dtype=torch.float64)
-            stats = torch.cat([lm_sum.view(1), aux_sum.view(1), drops])
-            if dist.is_initialized():
-                _flat_allreduce([p.grad for p in params if p.grad is not None])
-                dist.all_reduce(stats)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
+            stats = par.all_reduce(torch.cat([lm_sum.view(1), aux_sum.view(1)]), "dp")
+            drops = par.all_reduce(drops, "tp_dp")  # each TP rank routed its own tokens
+            par.reduce_grads()
+            grad_norm = par.clip_grad_norm(tcfg.grad_clip)
             lr = lr_at(step, tcfg)
             set_lr(optimizer, lr)
             optimizer.step()
@@ -188,7 +182,7 @@ def train(cfg: Config) -> TrainResult:
             record = {"step": step + 1, "loss": loss_val, "lr": lr,
                       "aux_loss": stats[1].item() / n_micro_global,
                       "grad_norm": float(grad_norm), "tokens_per_s": tps,
-                      "drop_rate": stats[2].item() / max(stats[3].item(), 1.0),
+                      "drop_rate": drops[0].item() / max(drops[1].item(), 1.0),
                       "step_time_s": dt,
                       "mfu": (acct.flops_per_token * tps / (peak * world)) if peak else None}
             logger.log(record)
@@ -198,8 +192,10 @@ def train(cfg: Config) -> TrainResult:
             if done or (tcfg.ckpt_every and (step + 1) % tcfg.ckpt_every == 0):
                 ckpt.save(run_dir, step + 1, model, optimizer,
                           {"loader": loader.state_dict(), "rng": ckpt.encode_rng()},
-                          {"config": cfg.to_dict()}, tcfg.keep_last)
+                          {"config": cfg.to_dict()}, tcfg.keep_last,
+                          tensors=par.checkpoint_tensors(optimizer))
     finally:
         logger.close()
     result.model = model  # type: ignore[attr-defined]
+    result.parallel = par  # type: ignore[attr-defined]
     return result

@@ -1,0 +1,335 @@
+"""``parallelize(model, topology, groups, ...)``: turn the plain single-device model into this
+rank's piece of a TP × DP layout, and hand back a :class:`Parallel` that the training loop uses
+for everything distributed (loss, gradient sync, clipping, optimizer, checkpoint tensors).
+
+The model code stays plain; this file swaps modules from outside (a plan per module kind), in
+place, keeping every parameter's FQN. With tp = T, rank t of a TP group, H heads, G KV heads,
+K head dim, Hl = H/T and h0 = t·Hl:
+
+==========================  ====================================================================
+module                      under TP (always with sequence parallelism)
+==========================  ====================================================================
+embed                       :class:`VocabParallelEmbedding`, rows [t·V/T, (t+1)·V/T), partial
+                            lookups reduce-scattered along T
+lightning attention         one TP region (input all-gathered, output reduce-scattered by hooks):
+                            qkv_proj rows [h0·3K, (h0+Hl)·3K) (per-head layout: contiguous), gate
+                            rows [h0·K, (h0+Hl)·K), out_proj columns likewise, slopes[h0:h0+Hl],
+                            the output norm a :class:`TPRMSNorm` (full-width variance)
+softmax attention           one TP region: q rows of the local heads; k/v rows of the local KV
+                            heads when T divides G, else (G divides T) the full k/v weights kept
+                            replicated and sliced to the one KV head of the rank's query heads
+MoE                         :class:`SequenceParallelMoE`: router and experts replicated, each TP
+                            rank routes its own sequence shard, aux loss over the micro-batch
+norms                       replicated, run on the rank's sequence shard
+lm_head                     :class:`ColumnParallelLinear` (vocab rows), input all-gathered;
+                            logits stay vocab-sharded for the vocab-parallel cross-entropy
+==========================  ====================================================================
+
+Checkpoints (see :meth:`Parallel.checkpoint_tensors`) hold the FULL logical tensors under the
+single-process keys ``model.<fqn>`` and ``optim.<fqn>.{exp_avg,exp_avg_sq,step}``: TP shards and
+ZeRO shards are all-gathered on save and sliced on load, so any layout loads any other. This costs
+one full copy of the model and optimizer state per rank during a save or load — fine at CPU and
+small-GPU scale, to be replaced by DTensor-sharded saves for large models.
+
+Unsupported layouts fail in :func:`check_layout` (before any process group exists) with a
+ConfigError naming the field: cp, pp, ep and etp > 1 arrive in later issues; TP needs sequence
+parallelism.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmtrain.config import Config, ConfigError, ParallelConfig
+from mmtrain.parallel.data import GradSync, ParamInfo, ZeroAdamW, clip_grad_norm
+from mmtrain.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, SequenceParallelMoE,
+                                     SlicedLinear, TPRMSNorm, VocabParallelEmbedding,
+                                     all_gather_dim0, gather_from_sp, reduce_scatter_to_sp,
+                                     vocab_parallel_cross_entropy)
+from mmtrain.parallel.topology import Topology
+
+__all__ = ["check_layout", "parallelize", "Parallel", "GROUPS_USED"]
+
+#: Process groups the TP × DP trainer needs.
+GROUPS_USED = ("tp", "dp", "tp_dp", "edp")
+
+_LATER = {
+    "cp": "context parallelism (LASP+, ring attention) arrives with parallel/context.py",
+    "pp": "pipeline parallelism is not implemented yet",
+    "ep": "expert parallelism arrives with the MoE dispatcher",
+    "etp": "expert tensor parallelism arrives with the MoE dispatcher",
+}
+
+
+def check_layout(cfg: Config, world: int) -> Topology:
+    """Validate the parallel layout against the world size and the model; the Topology of it.
+
+    Pure (no process group is touched), so a bad recipe fails before any collective."""
+    p = cfg.parallel
+    for name, why in _LATER.items():
+        if getattr(p, name) != 1:
+            raise ConfigError(f"parallel.{name}: {getattr(p, name)} is not supported yet ({why}); "
+                              f"set parallel.{name}=1")
+    if p.tp > 1 and p.sequence_parallel is False:
+        raise ConfigError("parallel.sequence_parallel: tensor parallelism runs with sequence "
+                          "parallelism only (each TP rank routes its own sequence shard through "
+                          "the MoE, as Megatron requires); set parallel.sequence_parallel=true "
+                          "(or null)")
+    topo = Topology.from_config(p, world)
+    m, t = cfg.model, p.tp
+    if m.num_heads % t:
+        raise ConfigError(f"model.num_heads: {m.num_heads} is not divisible by parallel.tp={t}; "
+                          f"choose a parallel.tp that divides it")
+    if m.num_kv_heads % t and t % m.num_kv_heads:
+        raise ConfigError(f"model.num_kv_heads: {m.num_kv_heads} and parallel.tp={t} must divide "
+                          f"one another (KV heads are split, or replicated when tp exceeds them)")
+    if m.vocab_size % t:
+        raise ConfigError(f"model.vocab_size: {m.vocab_size} is not divisible by parallel.tp={t} "
+                          f"(the vocab-parallel embedding and LM head split it evenly); round "
+                          f"model.vocab_size up to a multiple of {t}")
+    if (cfg.train.micro_batch * cfg.data.seq_len) % t:
+        raise ConfigError(f"data.seq_len: micro_batch × seq_len = {cfg.train.micro_batch} × "
+                          f"{cfg.data.seq_len} tokens do not split over parallel.tp={t} "
+                          f"(sequence parallelism); make it a multiple of {t}")
+    dp = topo.dp
+    if cfg.train.global_batch % (cfg.train.micro_batch * dp):
+        raise ConfigError(f"train.global_batch: {cfg.train.global_batch} is not a multiple of "
+                          f"train.micro_batch × dp = {cfg.train.micro_batch} × {dp}; "
+                          f"make it one")
+    return topo
+
+
+# -------------------------------------------------------------------------------- TP sharding
+def _region_in(group, module, args):
+    x, *rest = args
+    return (gather_from_sp(x, group), *rest)
+
+
+def _region_out(group, module, args, out):
+    return reduce_scatter_to_sp(out, group)
+
+
+def _shard_tensor_parallel(model: nn.Module, tp: int, t: int, group) -> dict:
+    """Swap the modules of ``model`` for rank ``t``'s TP pieces; ``{fqn: tp_dim}`` of the
+    TP-split parameters."""
+    from mmtrain.model.attention import LightningAttention, SoftmaxAttention
+
+    cfg = model.cfg
+    H, G, K, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    Hl, Vl = H // tp, V // tp
+    h0, v0 = t * Hl, t * Vl
+    split: dict[str, int] = {}
+    model.embed = VocabParallelEmbedding(model.embed, v0, v0 + Vl, group)
+    split["embed.weight"] = 0
+    model.lm_head = ColumnParallelLinear(model.lm_head, slice(v0, v0 + Vl), group, "gather")
+    split["lm_head.weight"] = 0
+    heads = slice(h0 * K, (h0 + Hl) * K)
+    for i, layer in enumerate(model.layers):
+        a, pre = layer.attn, f"layers.{i}.attn."
+        if isinstance(a, LightningAttention):
+            a.qkv_proj = ColumnParallelLinear(a.qkv_proj, slice(3 * h0 * K, 3 * (h0 + Hl) * K),
+                                              group, "none")
+            a.gate_proj = ColumnParallelLinear(a.gate_proj, heads, group, "none")
+            a.out_proj = RowParallelLinear(a.out_proj, heads, group, "none")
+            a.norm = TPRMSNorm(a.norm.weight[heads], a.norm.eps, H * K, group)
+            a.slopes = a.slopes[h0:h0 + Hl].clone()
+            a.num_heads = Hl
+            split.update({pre + "qkv_proj.weight": 0, pre + "gate_proj.weight": 0,
+                          pre + "out_proj.weight": 1, pre + "norm.weight": 0})
+        elif isinstance(a, SoftmaxAttention):
+            a.q_proj = ColumnParallelLinear(a.q_proj, heads, group, "none")
+            if G % tp == 0:
+                Gl = G // tp
+                kv = slice(t * Gl * K, (t + 1) * Gl * K)
+                a.k_proj = ColumnParallelLinear(a.k_proj, kv, group, "none")
+                a.v_proj = ColumnParallelLinear(a.v_proj, kv, group, "none")
+                split.update({pre + "k_proj.weight": 0, pre + "v_proj.weight": 0})
+            else:  # tp > G: replicate, use the KV head of this rank's query heads
+                Gl = 1
+                g = h0 // (H // G)
+                kv = slice(g * K, (g + 1) * K)
+                a.k_proj = SlicedLinear(a.k_proj, kv)
+                a.v_proj = SlicedLinear(a.v_proj, kv)
+            a.o_proj = RowParallelLinear(a.o_proj, heads, group, "none")
+            a.num_heads, a.num_kv_heads = Hl, Gl
+            split.update({pre + "q_proj.weight": 0, pre + "o_proj.weight": 1})
+        else:
+            raise TypeError(f"no tensor-parallel plan for {type(a).__name__}")
+        a.register_forward_pre_hook(functools.partial(_region_in, group))
+        a.register_forward_hook(functools.partial(_region_out, group))
+        layer.moe.__class__ = SequenceParallelMoE
+        layer.moe.tp_group = group
+    return split
+
+
+# ----------------------------------------------------------------------------------- Parallel
+class Parallel:
+    """This rank's view of the layout: what the loop calls for everything distributed.
+
+    Single process (``groups is None``): plain cross-entropy, torch AdamW, torch clipping, the
+    original checkpoint path."""
+
+    def __init__(self, model: nn.Module, topology: Topology, groups, pcfg: ParallelConfig,
+                 device: torch.device):
+        self.model, self.topology, self.groups, self.pcfg = model, topology, groups, pcfg
+        self.distributed = groups is not None
+        rank = dist.get_rank() if self.distributed else 0
+        info = topology.rank_info(rank)
+        self.tp, self.tp_rank = topology.tp, info.tp
+        self.dp, self.dp_rank = topology.dp, info.dp
+        self.vocab_start = 0
+        split: dict[str, int] = {}
+        full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        if self.tp > 1:
+            split = _shard_tensor_parallel(model, self.tp, self.tp_rank, groups.tp)
+            self.vocab_start = self.tp_rank * (model.cfg.vocab_size // self.tp)
+        model.to(device)
+        self.infos: list[ParamInfo] = []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if ".moe.experts." in name:
+                group = "edp"
+            elif name in split:
+                group = "dp"
+            else:
+                group = "tp_dp" if self.tp > 1 else "dp"
+            self.infos.append(ParamInfo(name, p, group, full_shapes[name], split.get(name),
+                                        decay=p.dim() >= 2))
+        self.sync: Optional[GradSync] = None
+        if self.distributed:
+            pgs = {"dp": groups.dp, "tp_dp": groups.tp_dp, "edp": groups.edp}
+            self.sync = GradSync(self.infos, pgs, pcfg.bucket_mb, pcfg.zero1,
+                                 overlap=device.type == "cuda", device=device)
+
+    # ------------------------------------------------------------------------------ loss
+    def token_ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy [N] (fp32) of (possibly vocab-sharded) logits."""
+        flat = logits.reshape(-1, logits.shape[-1])
+        if self.tp > 1:
+            return vocab_parallel_cross_entropy(flat, labels.reshape(-1), self.vocab_start,
+                                                self.groups.tp)
+        return F.cross_entropy(flat.float(), labels.reshape(-1), reduction="none")
+
+    def all_reduce(self, t: torch.Tensor, group: str = "dp") -> torch.Tensor:
+        """Sum ``t`` in place over ``group`` (``dp``: DP ranks; ``tp_dp``: every rank of the
+        dense grid slice) and return it; a no-op in a single process."""
+        if self.distributed:
+            dist.all_reduce(t, group=self.groups[group])
+        return t
+
+    # ------------------------------------------------------------------------- optimizer
+    def build_optimizer(self, tcfg):
+        if self.distributed and self.pcfg.zero1:
+            return ZeroAdamW(self.sync, tcfg.lr, (tcfg.beta1, tcfg.beta2), tcfg.eps,
+                             tcfg.weight_decay)
+        from mmtrain.train.optim import build_optimizer
+
+        return build_optimizer(self.model, tcfg)
+
+    def prepare_backward(self, last_micro_batch: bool) -> None:
+        if self.sync is not None:
+            self.sync.prepare_backward(last_micro_batch)
+
+    def reduce_grads(self) -> None:
+        if self.sync is not None:
+            self.sync.finish()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        limit = max_norm if max_norm > 0 else float("inf")
+        if self.sync is None:
+            params = [i.param for i in self.infos]
+            return torch.nn.utils.clip_grad_norm_(params, limit)
+        return clip_grad_norm(self.sync, limit)
+
+    # ------------------------------------------------------------------------ full tensors
+    def _full(self, info: ParamInfo, local: torch.Tensor) -> torch.Tensor:
+        """The full logical tensor of a local piece (collective over TP for split params)."""
+        if info.tp_dim is None or self.tp == 1:
+            return local
+        pieces = all_gather_dim0(local.detach().movedim(info.tp_dim, 0).contiguous(),
+                                 self.groups.tp)
+        return pieces.movedim(0, info.tp_dim).contiguous()
+
+    def _local(self, info: ParamInfo, full: torch.Tensor) -> torch.Tensor:
+        if info.tp_dim is None or self.tp == 1:
+            return full
+        n = full.shape[info.tp_dim] // self.tp
+        return full.narrow(info.tp_dim, self.tp_rank * n, n)
+
+    def full_state_dict(self) -> dict:
+        """``{fqn: full tensor}`` of the model (collective under TP)."""
+        return {i.name: self._full(i, i.param.detach()) for i in self.infos}
+
+    def checkpoint_tensors(self, optimizer) -> Optional[dict]:
+        """The tensors to save (full logical tensors, single-process keys); ``None`` in a
+        single process (the checkpoint module saves model and optimizer as before)."""
+        if not self.distributed:
+            return None
+        out = {f"model.{k}": v for k, v in self.full_state_dict().items()}
+        if isinstance(optimizer, ZeroAdamW):
+            step = torch.tensor(float(optimizer.step_count))
+            for key in ("exp_avg", "exp_avg_sq"):
+                flats = optimizer.full_bucket_state(key)
+                for b, flat in zip(self.sync.buckets, flats):
+                    for info, view in b.views(flat):
+                        out[f"optim.{info.name}.{key}"] = self._full(info, view)
+            for info in self.infos:
+                out[f"optim.{info.name}.step"] = step.clone()
+        else:
+            for info in self.infos:
+                state = optimizer.state.get(info.param) or {}
+                for key in ("exp_avg", "exp_avg_sq", "step"):
+                    if key in state:
+                        val = state[key]
+                        out[f"optim.{info.name}.{key}"] = (val if key == "step"
+                                                           else self._full(info, val))
+        return out
+
+    def load_checkpoint(self, path, optimizer) -> dict:
+        """Load a checkpoint written under any layout; returns this rank's JSON state."""
+        from mmtrain.train import checkpoint as ckpt
+
+        if not self.distributed:
+            return ckpt.load(path, self.model, optimizer)
+        full = {}
+        for info in self.infos:
+            full[f"model.{info.name}"] = torch.empty(info.full_shape, dtype=info.param.dtype)
+            for key in ("exp_avg", "exp_avg_sq"):
+                full[f"optim.{info.name}.{key}"] = torch.empty(info.full_shape,
+                                                               dtype=torch.float32)
+            full[f"optim.{info.name}.step"] = torch.zeros((), dtype=torch.float32)
+        state = ckpt.load(path, None, None, tensors=full)
+        with torch.no_grad():
+            for info in self.infos:
+                info.param.copy_(self._local(info, full[f"model.{info.name}"]))
+        local = {i.name: {k: self._local(i, full[f"optim.{i.name}.{k}"]).to(i.param.device)
+                          for k in ("exp_avg", "exp_avg_sq")} for i in self.infos}
+        step = full[f"optim.{self.infos[0].name}.step"] if self.infos else torch.zeros(())
+        if isinstance(optimizer, ZeroAdamW):
+            optimizer.load_local(local, int(step.item()))
+        else:
+            from mmtrain.train.checkpoint import optimizer_tensors
+
+            optimizer_tensors(self.model, optimizer, materialize=True)
+            with torch.no_grad():
+                for info in self.infos:
+                    st = optimizer.state[info.param]
+                    for k in ("exp_avg", "exp_avg_sq"):
+                        st[k].copy_(local[info.name][k])
+                    st["step"].copy_(full[f"optim.{info.name}.step"])
+        return state
+
+
+def parallelize(model: nn.Module, topology: Topology, groups, pcfg: ParallelConfig,
+                device: torch.device) -> Parallel:
+    """Shard ``model`` (built in full, initialised, on CPU) in place for this rank of
+    ``topology``, move it to ``device`` and return the :class:`Parallel` handle. ``groups`` is
+    :func:`mmtrain.parallel.groups.create_process_groups`'s result (``None``: single process)."""
+    return Parallel(model, topology, groups, pcfg, device)

@@ -1,0 +1,331 @@
+"""Data parallelism: bucketed gradient reduction over DP (dense) and EDP (experts), the ZeRO-1
+distributed optimizer, and gradient clipping with a global norm that counts every parameter once.
+
+Legend: n the size of a bucket's reduction group, i this rank's index in it, s = padded / n the
+shard of a bucket one rank owns.
+
+**Which group reduces which gradient** (:class:`ParamInfo.group`, decided by
+:mod:`mmtrain.parallel.apply`):
+
+* ``dp``: TP-sharded weights (each TP rank holds a different slice; DP ranks hold the same one);
+* ``tp_dp``: weights replicated across TP that see only the rank's sequence shard under SP
+  (norms, router, embeddings' neighbours, replicated KV projections); equal to ``dp`` when tp = 1;
+* ``edp``: expert weights (replicas of the same experts: EDP = world / (pp·ep·etp), which includes
+  the TP ranks when etp = 1).
+
+**Buckets.** Parameters are walked in reverse registration order (about the order the backward
+pass finishes them) and packed, per group, into flat fp32 buckets of at most ``bucket_mb``. Each
+bucket is padded to a multiple of n. Buckets are launched in a fixed order (sorted by when their
+last parameter is expected to be ready), the same on every rank, so collectives never cross.
+On CUDA (``overlap=True``) a post-accumulate-grad hook copies each gradient of the last
+micro-batch into its bucket and launches the bucket's collective asynchronously as soon as it
+and every earlier bucket are complete, overlapping the rest of the backward pass; elsewhere the
+buckets are reduced after the backward pass.
+
+**ZeRO-1** (``zero1=True``): a bucket is reduce-scattered instead of all-reduced; rank i keeps
+the summed gradient of its shard ``[i·s, (i+1)·s)`` only, holds the fp32 master copy and the AdamW
+moments of that shard, steps it, and all-gathers the updated shard into the parameters.
+Expert buckets are sharded over EDP, the rest over DP (or TP×DP for replicated weights).
+
+**Clipping.** Every bucket is partitioned into the n owned shards of its group, and the groups
+of one kind partition the world, so the sum over the world of each rank's owned sum of squares
+counts every parameter element exactly once (whether or not ZeRO is on): one all-reduce of a
+scalar over the world gives the global norm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from mmtrain.parallel.tensor import all_gather_dim0
+
+__all__ = ["ParamInfo", "Bucket", "GradSync", "ZeroAdamW", "clip_grad_norm"]
+
+
+@dataclass
+class ParamInfo:
+    """One (local) parameter and how it relates to the full logical tensor."""
+
+    name: str  # FQN, identical to the plain model's
+    param: nn.Parameter
+    group: str  # reduction group: "dp" | "tp_dp" | "edp"
+    full_shape: tuple
+    tp_dim: Optional[int] = None  # dim split over TP (contiguous, rank order); None: not split
+    decay: bool = True
+
+
+@dataclass
+class Bucket:
+    infos: list
+    group_name: str
+    group: object  # ProcessGroup or None (single process)
+    n: int
+    index: int  # this rank's index in the group
+    offsets: list  # start of each param in the flat buffer
+    numel: int
+    padded: int
+    order_key: int = 0
+    grad: Optional[torch.Tensor] = None  # [padded] fp32
+    shard_grad: Optional[torch.Tensor] = None  # [s] (ZeRO) reduced gradient of the owned shard
+    handle: object = None
+    ready_count: int = 0
+    launched: bool = False
+    members: dict = field(default_factory=dict)
+
+    @property
+    def shard(self) -> int:
+        return self.padded // self.n
+
+    @property
+    def owned(self) -> slice:
+        return slice(self.index * self.shard, (self.index + 1) * self.shard)
+
+    def views(self, flat: torch.Tensor):
+        for info, off in zip(self.infos, self.offsets):
+            yield info, flat[off:off + info.param.numel()].view_as(info.param)
+
+
+def build_buckets(infos: list, groups: dict, bucket_mb: float, device) -> list:
+    """Pack ``infos`` into buckets (see the module docstring); ``groups`` maps a group name to
+    its ProcessGroup (None: single process)."""
+    cap = max(int(bucket_mb * 2 ** 20 / 4), 1)
+    open_: dict[str, list] = {}
+    closed: list[tuple[int, str, list]] = []
+    walk = list(reversed(infos))
+    for pos, info in enumerate(walk):
+        cur = open_.setdefault(info.group, [])
+        cur.append((pos, info))
+        if sum(i.param.numel() for _, i in cur) >= cap:
+            closed.append((pos, info.group, cur))
+            open_[info.group] = []
+    for name, cur in open_.items():
+        if cur:
+            closed.append((cur[-1][0], name, cur))
+    closed.sort(key=lambda c: c[0])
+    buckets = []
+    for last_pos, name, members in closed:
+        group = groups.get(name)
+        n = dist.get_world_size(group) if group is not None else 1
+        idx = dist.get_rank(group) if group is not None else 0
+        offsets, total = [], 0
+        for _, info in members:
+            offsets.append(total)
+            total += info.param.numel()
+        padded = int(math.ceil(total / n) * n)
+        b = Bucket([i for _, i in members], name, group, n, idx, offsets, total, padded, last_pos)
+        b.grad = torch.zeros(padded, dtype=torch.float32, device=device)
+        buckets.append(b)
+    return buckets
+
+
+class GradSync:
+    """Reduces the gradients of the last micro-batch of a step, bucket by bucket."""
+
+    def __init__(self, infos: list, groups: dict, bucket_mb: float, zero1: bool,
+                 overlap: bool, device):
+        self.infos = infos
+        self.zero1 = zero1
+        self.overlap = overlap
+        self.buckets = build_buckets(infos, groups, bucket_mb, device)
+        self._bucket_of = {}
+        for b in self.buckets:
+            for info, off in zip(b.infos, b.offsets):
+                self._bucket_of[info.param] = (b, off)
+        self._last = False
+        self._next = 0
+        self._hooks = []
+        if overlap:
+            for info in infos:
+                self._hooks.append(info.param.register_post_accumulate_grad_hook(self._on_grad))
+
+    # ----------------------------------------------------------------------- step protocol
+    def prepare_backward(self, last_micro_batch: bool) -> None:
+        """Call before each backward; ``True`` for the last micro-batch of the step."""
+        self._last = last_micro_batch
+        if last_micro_batch:
+            self._next = 0
+            for b in self.buckets:
+                b.ready_count, b.launched, b.handle = 0, False, None
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if not self._last:
+            return
+        b, off = self._bucket_of[p]
+        b.grad[off:off + p.numel()].copy_(p.grad.reshape(-1))
+        b.ready_count += 1
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self.buckets):
+            b = self.buckets[self._next]
+            if b.ready_count < len(b.infos):
+                return
+            self._launch(b, async_op=True)
+            self._next += 1
+
+    def _launch(self, b: Bucket, async_op: bool) -> None:
+        b.launched = True
+        if b.n == 1:
+            if self.zero1:
+                b.shard_grad = b.grad
+            return
+        if self.zero1:
+            b.shard_grad = torch.empty(b.shard, dtype=b.grad.dtype, device=b.grad.device)
+            fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            b.handle = fn(b.shard_grad, b.grad, group=b.group, async_op=async_op)
+        else:
+            b.handle = dist.all_reduce(b.grad, group=b.group, async_op=async_op)
+
+    def finish(self) -> None:
+        """Complete every bucket's reduction; afterwards ``p.grad`` holds the reduced gradient
+        (plain) or each bucket's ``shard_grad`` holds the owned shard's (ZeRO)."""
+        for b in self.buckets:
+            if b.launched:
+                continue
+            # Not launched by hooks (no overlap, or a parameter got no gradient): fill and launch.
+            for info, view in b.views(b.grad):
+                g = info.param.grad
+                if g is None:
+                    view.zero_()
+                elif not self.overlap or b.ready_count < len(b.infos):
+                    view.copy_(g)
+            self._launch(b, async_op=False)
+        for b in self.buckets:
+            if b.handle is not None:
+                b.handle.wait()
+                b.handle = None
+        if not self.zero1:
+            for b in self.buckets:
+                for info, view in b.views(b.grad):
+                    if info.param.grad is None:
+                        info.param.grad = view.clone().to(info.param.dtype)
+                    else:
+                        info.param.grad.copy_(view)
+        self._last = False
+
+    # ----------------------------------------------------------------------------- clipping
+    def owned_sq_sum(self) -> torch.Tensor:
+        """Σ of squared reduced gradients over the shards this rank owns (fp64 scalar)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.buckets[0].grad.device
+                            if self.buckets else "cpu")
+        for b in self.buckets:
+            g = b.shard_grad if self.zero1 else b.grad[b.owned]
+            total += g.double().pow(2).sum()
+        return total
+
+    def scale_(self, coef: torch.Tensor) -> None:
+        for b in self.buckets:
+            if self.zero1:
+                b.shard_grad.mul_(coef.to(b.shard_grad.dtype))
+            else:
+                for info in b.infos:
+                    if info.param.grad is not None:
+                        info.param.grad.mul_(coef.to(info.param.grad.dtype))
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def clip_grad_norm(sync: GradSync, max_norm: float, world_group=None) -> torch.Tensor:
+    """Global gradient norm (every parameter counted once over the world), clipped as
+    ``torch.nn.utils.clip_grad_norm_`` does: ``coef = min(max_norm / (norm + 1e-6), 1)``."""
+    sq = sync.owned_sq_sum()
+    if dist.is_initialized():
+        dist.all_reduce(sq, group=world_group)
+    norm = sq.sqrt().to(torch.float32)
+    if max_norm > 0 and math.isfinite(max_norm):
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        sync.scale_(coef)
+    return norm
+
+
+class ZeroAdamW:
+    """AdamW over the owned shards of the buckets (ZeRO-1), the same arithmetic as
+    ``torch.optim.AdamW`` (foreach): decoupled weight decay ``p *= 1 - lr·wd`` on matrices only,
+    bias-corrected moments. After the step the shards are all-gathered into the parameters.
+
+    ``param_groups`` is a one-group list so ``set_lr`` works unchanged."""
+
+    def __init__(self, sync: GradSync, lr: float, betas: tuple, eps: float, weight_decay: float):
+        if not sync.zero1:
+            raise ValueError("ZeroAdamW needs a GradSync built with zero1=True")
+        self.sync = sync
+        self.param_groups = [{"lr": lr, "betas": betas, "eps": eps,
+                              "weight_decay": weight_decay}]
+        self.step_count = 0
+        self.shards = []  # per bucket: dict(master, exp_avg, exp_avg_sq, wd_mask)
+        for b in sync.buckets:
+            flat = torch.zeros(b.padded, dtype=torch.float32, device=b.grad.device)
+            mask = torch.zeros(b.padded, dtype=torch.float32, device=b.grad.device)
+            for info, view in b.views(flat):
+                view.copy_(info.param.detach())
+            for info, view in b.views(mask):
+                view.fill_(1.0 if info.decay else 0.0)
+            self.shards.append({"master": flat[b.owned].clone(),
+                                "exp_avg": torch.zeros(b.shard, device=flat.device),
+                                "exp_avg_sq": torch.zeros(b.shard, device=flat.device),
+                                "wd_mask": mask[b.owned].clone()})
+
+    @torch.no_grad()
+    def step(self) -> None:
+        g = self.param_groups[0]
+        lr, (beta1, beta2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
+        self.step_count += 1
+        t = self.step_count
+        bc1 = 1 - beta1 ** t
+        bc2_sqrt = (1 - beta2 ** t) ** 0.5
+        step_size = lr / bc1
+        for b, st in zip(self.sync.buckets, self.shards):
+            p, m, v, grad = st["master"], st["exp_avg"], st["exp_avg_sq"], b.shard_grad
+            p.mul_(1 - lr * wd * st["wd_mask"])
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (v.sqrt() / bc2_sqrt).add_(eps)
+            p.addcdiv_(m, denom, value=-step_size)
+        self.gather_params()
+
+    @torch.no_grad()
+    def gather_params(self) -> None:
+        """All-gather the master shards into the model parameters."""
+        for b, st in zip(self.sync.buckets, self.shards):
+            flat = all_gather_dim0(st["master"], b.group) if b.n > 1 else st["master"]
+            for info, view in b.views(flat):
+                info.param.copy_(view)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for info in self.sync.infos:
+            info.param.grad = None
+        for b in self.sync.buckets:
+            b.shard_grad = None
+
+    # ------------------------------------------------------------------- checkpoint support
+    def full_bucket_state(self, key: str) -> list:
+        """Per bucket, the whole (unsharded) flat ``exp_avg`` / ``exp_avg_sq`` (collective over
+        each bucket's group)."""
+        out = []
+        for b, st in zip(self.sync.buckets, self.shards):
+            out.append(all_gather_dim0(st[key], b.group) if b.n > 1 else st[key])
+        return out
+
+    @torch.no_grad()
+    def load_local(self, local_state: dict, step: int) -> None:
+        """Fill the owned shards from per-parameter local tensors: ``local_state[name]`` is a
+        dict with ``exp_avg`` and ``exp_avg_sq`` shaped like the local parameter. The master
+        copy is taken from the (already loaded) parameters."""
+        self.step_count = int(step)
+        for b, st in zip(self.sync.buckets, self.shards):
+            flat = {k: torch.zeros(b.padded, dtype=torch.float32, device=b.grad.device)
+                    for k in ("master", "exp_avg", "exp_avg_sq")}
+            for k, buf in flat.items():
+                for info, view in b.views(buf):
+                    src = info.param.detach() if k == "master" else local_state[info.name][k]
+                    view.copy_(src)
+                st[k] = buf[b.owned].clone()
