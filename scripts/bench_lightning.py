@@ -128,11 +128,15 @@ def profile(points, fla_fn):
         if fla_fn is not None:
             impls["fla"] = lambda: fla_fn(q, k, v, g_gamma=-sl, scale=1.0)[0]
         for name, fn in impls.items():
-            for _ in range(2):
+            def step():
+                for x in (q, k, v):
+                    x.grad = None
                 fn().backward(do)
+            for _ in range(2):
+                step()
             torch.cuda.synchronize()
             with tprof(activities=[ProfilerActivity.CUDA]) as prof:
-                fn().backward(do)
+                step()
                 torch.cuda.synchronize()
             rows = []
             for ev in prof.key_averages():
