@@ -1,7 +1,9 @@
-"""``mmtrain train | info`` — the command line.
+"""``mmtrain train | info | export-hf | import-hf`` — the command line.
 
     mmtrain train [overrides...]        train (or resume) as the recipe says; works under torchrun
     mmtrain info [--json] [overrides]   layer layout, parameter counts, FLOPs per token
+    mmtrain export-hf CHECKPOINT OUT    mmtrain checkpoint -> transformers MiniMax directory
+    mmtrain import-hf HF_DIR OUT        transformers / remote-code MiniMax -> mmtrain checkpoint
 
 Overrides are Hydra's: ``model=small train.max_steps=50 run.dir=runs/x``. A bad recipe fails with
 one line naming the field and the fix (exit status 2).
@@ -61,7 +63,19 @@ def _train(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "info": _info}
+def _export_hf(args: list[str]) -> int:
+    from mmtrain.hf.cli import export_main
+
+    return export_main(args)
+
+
+def _import_hf(args: list[str]) -> int:
+    from mmtrain.hf.cli import import_main
+
+    return import_main(args)
+
+
+COMMANDS = {"train": _train, "info": _info, "export-hf": _export_hf, "import-hf": _import_hf}
 
 
 def main(argv: list[str] | None = None) -> int:

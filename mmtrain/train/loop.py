@@ -73,6 +73,12 @@ def build_model(cfg: Config, device: torch.device):
 
     model = MiniMaxModel(cfg.model)
     model.reset_parameters(seed=cfg.train.seed)
+    if cfg.train.init_from and ckpt.latest(cfg.run.dir) is None:  # step 0 only: a resume wins
+        from mmtrain.hf import load_weights  # mmtrain checkpoint, run dir or HF directory
+
+        for note in load_weights(cfg.train.init_from, model):
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(note, flush=True)
     return model.to(device)
 
 
