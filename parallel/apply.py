@@ -179,6 +179,7 @@ class Parallel:
                  device: torch.device):
         self.model, self.topology, self.groups, self.pcfg = model, topology, groups, pcfg
         self.distributed = groups is not None
+        self.device = device
         rank = dist.get_rank() if self.distributed else 0
         info = topology.rank_info(rank)
         self.tp, self.tp_rank = topology.tp, info.tp
@@ -221,7 +222,11 @@ class Parallel:
         """Sum ``t`` in place over ``group`` (``dp``: DP ranks; ``tp_dp``: every rank of the
         dense grid slice) and return it; a no-op in a single process."""
         if self.distributed:
-            dist.all_reduce(t, group=self.groups[group])
+            # NCCL reduces device tensors only: stage host tensors through the device.
+            buf = t.to(self.device)
+            dist.all_reduce(buf, group=self.groups[group])
+            if buf is not t:
+                t.copy_(buf)
         return t
 
     # ------------------------------------------------------------------------- optimizer

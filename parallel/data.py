@@ -139,6 +139,7 @@ class GradSync:
                 self._bucket_of[info.param] = (b, off)
         self._last = False
         self._next = 0
+        self.launched_in_backward = 0  # buckets of the last step launched by hooks (overlap)
         self._hooks = []
         if overlap:
             for info in infos:
@@ -150,6 +151,7 @@ class GradSync:
         self._last = last_micro_batch
         if last_micro_batch:
             self._next = 0
+            self.launched_in_backward = 0
             for b in self.buckets:
                 b.ready_count, b.launched, b.handle = 0, False, None
 
@@ -168,6 +170,7 @@ class GradSync:
                 return
             self._launch(b, async_op=True)
             self._next += 1
+            self.launched_in_backward += 1
 
     def _launch(self, b: Bucket, async_op: bool) -> None:
         b.launched = True

@@ -1,0 +1,148 @@
+"""Training throughput of every TP × DP split of the GPUs of one host (NCCL, one process a GPU).
+
+    python scripts/bench_train.py [--gpus N] [--steps 30] [--out bench_train.json] [overrides...]
+
+For each tp in the divisors of N (dp = N / tp) it launches ``torchrun --nproc-per-node N`` on this
+script in worker mode, which runs the real trainer (``mmtrain.train.loop.train``: bucketed gradient
+reduction overlapped with the backward pass, ZeRO-1, sequence parallelism under TP, bf16 autocast)
+on a ~1B-activated hybrid lightning/softmax MoE config, with checkpoint writes disabled. It reports
+per layout: tokens/s (median over the steps after warm-up), MFU (model FLOPs of
+``mmtrain.model.account`` over the dense bf16 peak of the GPUs), peak memory per GPU (max over
+ranks of ``torch.cuda.max_memory_allocated``), and the loss curve, whose largest relative
+deviation from the first layout's is printed (the layouts must agree to bf16 noise). Prints a
+table last and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ~1B activated (1.05 B: attention 0.22 B + 2 of 4 SwiGLU experts of width 5632 per layer),
+# ~2.0 B total; 9 lightning + 3 softmax layers (softmax at 3, 7, 11).
+MODEL = ["model.name=bench1b", "model.vocab_size=32000", "model.hidden_size=2048",
+         "model.num_layers=12", "model.num_heads=16", "model.head_dim=128",
+         "model.num_kv_heads=4", "model.softmax_every=4", "model.num_experts=4", "model.top_k=2",
+         "model.ffn_hidden_size=5632", "model.max_position_embeddings=65536",
+         "model.lightning_block_size=64"]
+TRAIN = ["data.seq_len=4096", "data.corpus_max_bytes=4000000", "train.global_batch=8",
+         "train.micro_batch=1", "train.lr=3e-4", "train.min_lr=3e-5", "train.warmup_steps=5",
+         "train.schedule=constant", "train.device=cuda", "train.dtype=bf16",
+         "run.progress=false", "parallel.zero1=true", "parallel.timeout_s=300"]
+
+
+def worker(args, overrides):
+    import torch
+    import torch.distributed as dist
+
+    from mmtrain.recipe import load_config
+    from mmtrain.train import checkpoint as ckpt
+    from mmtrain.train import loop
+
+    ckpt.save = lambda *a, **k: None  # throughput only: no checkpoint writes
+    cfg = load_config(MODEL + TRAIN + [f"train.max_steps={args.steps}",
+                                       f"parallel.tp={args.tp}"] + overrides)
+    res = loop.train(cfg)
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30], device="cuda")
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if dist.get_rank() == 0:
+        recs = [json.loads(l) for l in open(os.path.join(cfg.run.dir, "metrics.jsonl"))]
+        steady = recs[args.warmup:] or recs
+        tps = statistics.median(r["tokens_per_s"] for r in steady)
+        mfu = statistics.median(r["mfu"] for r in steady) if steady[0]["mfu"] else None
+        out = {"tp": args.tp, "dp": dist.get_world_size() // args.tp,
+               "tokens_per_s": tps, "mfu": mfu, "peak_mem_gib": float(peak.item()),
+               "step_time_s": statistics.median(r["step_time_s"] for r in steady),
+               "losses": [r["loss"] for r in recs], "device": torch.cuda.get_device_name(),
+               "torch": torch.__version__}
+        with open(args.result, "w") as f:
+            json.dump(out, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def driver(args, overrides):
+    import torch
+
+    n = args.gpus or torch.cuda.device_count()
+    results = []
+    base_env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+                    NVSHMEM_DISABLE_NVLS="1", OMP_NUM_THREADS="4", PYTHONUNBUFFERED="1")
+    for tp in [t for t in (1, 2, 4, 8) if n % t == 0 and t <= n]:
+        result = os.path.abspath(f"{args.out}.tp{tp}.json")
+        run_dir = f"/tmp/bench_train_tp{tp}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+               "--master-port", str(29500 + tp), os.path.join(HERE, "bench_train.py"),
+               "--worker", "--tp", str(tp), "--steps", str(args.steps), "--warmup",
+               str(args.warmup), "--result", result, *overrides, f"run.dir={run_dir}"]
+        t0 = time.time()
+        try:
+            proc = subprocess.run(cmd, env=base_env, capture_output=True, text=True,
+                                  timeout=args.timeout)
+        except subprocess.TimeoutExpired as exc:
+            print(f"tp={tp}: timed out after {args.timeout}s", flush=True)
+            proc = subprocess.CompletedProcess(cmd, -1, exc.stdout or "", exc.stderr or "")
+            proc.stdout = proc.stdout.decode() if isinstance(proc.stdout, bytes) else proc.stdout
+            proc.stderr = proc.stderr.decode() if isinstance(proc.stderr, bytes) else proc.stderr
+        with open(f"{args.out}.tp{tp}.log", "w") as f:
+            f.write(proc.stdout + "\n---- stderr ----\n" + proc.stderr)
+        if proc.returncode != 0 or not os.path.exists(result):
+            err = proc.stderr
+            first = err.find("Traceback")
+            print(f"tp={tp}: FAILED (exit {proc.returncode})\n{err[first:first + 3000]}",
+                  flush=True)
+            continue
+        r = json.load(open(result))
+        r["wall_s"] = time.time() - t0
+        results.append(r)
+        print(f"tp={tp} dp={r['dp']}: {r['tokens_per_s']:.0f} tok/s, MFU "
+              f"{(r['mfu'] or 0) * 100:.1f}%, peak {r['peak_mem_gib']:.1f} GiB, "
+              f"wall {r['wall_s']:.0f}s", flush=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    if not results:
+        return 1
+    ref = results[0]["losses"]
+    print(f"\n{results[0]['device']} x{n}, torch {results[0]['torch']}, {args.steps} steps, "
+          f"global batch 8 x 4096 tokens, bf16 autocast, ZeRO-1")
+    print(f"{'layout':<12}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'step s':>9}"
+          f"{'max |dloss|/loss vs ' + 'tp' + str(results[0]['tp']):>28}")
+    for r in results:
+        dev = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref))
+        r["max_rel_loss_dev"] = dev
+        print(f"{'tp' + str(r['tp']) + ' x dp' + str(r['dp']):<12}{r['tokens_per_s']:>12.0f}"
+              f"{(r['mfu'] or 0) * 100:>7.1f}%{r['peak_mem_gib']:>10.1f}"
+              f"{r['step_time_s']:>9.3f}{dev:>28.2e}")
+    print("losses " + " | ".join(f"tp{r['tp']}: " + " ".join(f"{x:.4f}" for x in r["losses"][::5])
+                                 for r in results))
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--gpus", type=int, default=0)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the medians")
+    p.add_argument("--timeout", type=int, default=400, help="seconds per layout")
+    p.add_argument("--result", default="")
+    p.add_argument("--out", default="bench_train.json")
+    args, overrides = p.parse_known_args()
+    if args.worker:
+        worker(args, overrides)
+        return 0
+    return driver(args, overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
