@@ -111,7 +111,7 @@ def driver(args, overrides):
         return 1
     ref = results[0]["losses"]
     print(f"\n{results[0]['device']} x{n}, torch {results[0]['torch']}, {args.steps} steps, "
-          f"global batch 8 x 4096 tokens, bf16 autocast, ZeRO-1")
+          f"recipe {' '.join(TRAIN)}; overrides: {' '.join(overrides) or 'none'}")
     print(f"{'layout':<12}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'step s':>9}"
           f"{'max |dloss|/loss vs ' + 'tp' + str(results[0]['tp']):>28}")
     for r in results:
