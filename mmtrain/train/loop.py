@@ -98,6 +98,20 @@ def build_parallel(cfg: Config, topology, device: torch.device):
     return model, parallelize(model, topology, groups, cfg.parallel, device)
 
 
+def _check_same_model(cfg: Config, path) -> None:
+    """A run directory resumes only the model it holds; say so instead of a shape error."""
+    saved = ckpt.read_meta(path).get("config", {}).get("model")
+    if saved is None:
+        return
+    now = cfg.to_dict()["model"]
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        shown = ", ".join(f"model.{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:3])
+        raise ConfigError(f"run.dir: {cfg.run.dir} holds a checkpoint of another model ({shown}"
+                          f"{', ...' if len(diff) > 3 else ''}); use a fresh run.dir, or "
+                          f"train.init_from={path} to start a new run from its weights")
+
+
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) training as configured; every rank calls this."""
     from mmtrain.data import DataLoader, build_dataset, build_tokenizer
@@ -129,6 +143,7 @@ def train(cfg: Config) -> TrainResult:
     start_step = 0
     latest = ckpt.latest(run_dir)
     if latest is not None:
+        _check_same_model(cfg, latest)
         state = par.load_checkpoint(latest, optimizer)
         start_step = ckpt.read_meta(latest)["step"]
         loader.load_state_dict(state["loader"])
@@ -144,7 +159,10 @@ def train(cfg: Config) -> TrainResult:
     logger = MetricsLogger(str(run_dir), cfg.to_dict(), tcfg.max_steps, start_step,
                            enabled=rank == 0, progress=cfg.run.progress, wandb_cfg=cfg.run.wandb)
     if latest is not None:
-        logger.message(f"resumed from {latest} at step {start_step}")
+        logger.message(f"resumed from {latest} at step {start_step}"
+                       + (f"; train.max_steps={tcfg.max_steps} is already reached, nothing to "
+                          f"do (raise train.max_steps to train on)"
+                          if start_step >= tcfg.max_steps else ""))
     logger.message(f"model: {acct.params_total / 1e6:.2f}M params "
                    f"({acct.params_active / 1e6:.2f}M active), {world} process(es) on {device}")
     result = TrainResult(run_dir=str(run_dir), final_step=start_step)

@@ -109,3 +109,14 @@ def test_checkpoint_metadata_refuses_foreign_pickles(tmp_path):
     reader = ckpt.SafeReader(str(d))
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         reader.read_metadata()
+
+
+def test_resume_refuses_another_model(tmp_path):
+    from mmtrain.config import ConfigError
+
+    train(load_config(SMALL + ["train.max_steps=1", f"run.dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match=r"^run.dir: .*model.hidden_size: 32 -> 64"):
+        train(load_config(SMALL + ["train.max_steps=2", "model.hidden_size=64",
+                                   f"run.dir={tmp_path}"]))
+    again = train(load_config(SMALL + ["train.max_steps=1", f"run.dir={tmp_path}"]))
+    assert again.losses == [] and again.final_step == 1  # already done: nothing re-run
