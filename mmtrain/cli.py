@@ -12,6 +12,7 @@ one line naming the field and the fix (exit status 2).
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from mmtrain.config import ConfigError
@@ -56,7 +57,7 @@ def _train(args: list[str]) -> int:
 
     cfg = load_config(args)
     result = train(cfg)
-    if result.losses:
+    if result.losses and os.environ.get("RANK", "0") == "0":
         first, last = result.losses[0][1], result.losses[-1][1]
         print(f"done: step {result.final_step}, loss {first:.4f} -> {last:.4f}, "
               f"run dir {result.run_dir}", flush=True)
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[cmd](rest)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+            print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

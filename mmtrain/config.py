@@ -143,7 +143,9 @@ class TrainConfig:
 
     max_steps: int = 200
     global_batch: int = 8  # rows (packed sequences of data.seq_len) per optimizer step
-    micro_batch: int = 8  # rows per forward/backward on one data-parallel rank
+    # rows per forward/backward on one data-parallel rank; null: global_batch / dp (no
+    # accumulation), so the same recipe runs on any number of processes
+    micro_batch: Optional[int] = None
     lr: float = 3e-3
     min_lr: float = 3e-4
     # constant: linear warm-up then lr. cosine: warm-up then cosine from lr to min_lr at max_steps.
@@ -169,7 +171,7 @@ class TrainConfig:
     def validate(self, path: str = "train") -> None:
         if self.max_steps < 1:
             _fail(f"{path}.max_steps", f"must be >= 1, got {self.max_steps}")
-        if self.global_batch < 1 or self.micro_batch < 1:
+        if self.global_batch < 1 or (self.micro_batch is not None and self.micro_batch < 1):
             _fail(f"{path}.global_batch", "global_batch and micro_batch must be >= 1")
         if self.lr <= 0 or not math.isfinite(self.lr):
             _fail(f"{path}.lr", f"must be a positive learning rate, got {self.lr}")
@@ -267,7 +269,7 @@ class Config:
         self.train.validate("train")
         self.parallel.validate("parallel")
         self.run.validate("run")
-        if self.train.global_batch % self.train.micro_batch:
+        if self.train.micro_batch and self.train.global_batch % self.train.micro_batch:
             _fail("train.global_batch", f"{self.train.global_batch} is not a multiple of "
                   f"train.micro_batch={self.train.micro_batch}; make it one")
         return self

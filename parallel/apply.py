@@ -82,6 +82,11 @@ def check_layout(cfg: Config, world: int) -> Topology:
                           "the MoE, as Megatron requires); set parallel.sequence_parallel=true "
                           "(or null)")
     topo = Topology.from_config(p, world)
+    if cfg.train.micro_batch is None:  # null: the global batch split over DP, no accumulation
+        if cfg.train.global_batch % topo.dp:
+            raise ConfigError(f"train.global_batch: {cfg.train.global_batch} rows do not split over "
+                              f"dp={topo.dp} ranks; make it a multiple of {topo.dp}")
+        cfg.train.micro_batch = cfg.train.global_batch // topo.dp
     m, t = cfg.model, p.tp
     if m.num_heads % t:
         raise ConfigError(f"model.num_heads: {m.num_heads} is not divisible by parallel.tp={t}; "
