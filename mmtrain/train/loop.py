@@ -27,6 +27,7 @@ from mmtrain.config import Config, ConfigError
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train.metrics import MetricsLogger, peak_flops
 from mmtrain.train.optim import lr_at, set_lr
+from mmtrain.train.stop import GracefulStop
 
 
 @dataclass
@@ -34,6 +35,7 @@ class TrainResult:
     losses: list = field(default_factory=list)  # (step, loss) of the steps run in this call
     final_step: int = 0
     run_dir: str = ""
+    stopped: bool = False  # ended early by SIGTERM / Ctrl-C (after a checkpoint)
 
 
 def _resolve_device(cfg: Config) -> torch.device:
@@ -167,59 +169,67 @@ def train(cfg: Config) -> TrainResult:
                    f"({acct.params_active / 1e6:.2f}M active), {world} process(es) on {device}")
     result = TrainResult(run_dir=str(run_dir), final_step=start_step)
 
-    try:
-        for step in range(start_step, tcfg.max_steps):
-            t0 = time.time()
-            micro = [b.to(device) for b in loader.next_step()]
-            n_tok = torch.tensor([float(sum(b.loss_mask.sum().item() for b in micro))])
-            n_tok = max(par.all_reduce(n_tok, "dp").item(), 1.0)
-            n_micro_global = len(micro) * dp
-            lm_sum = torch.zeros((), dtype=torch.float64)
-            aux_sum = torch.zeros((), dtype=torch.float64)
-            drops = torch.zeros(2, dtype=torch.float64)
-            for i, batch in enumerate(micro):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    out = model(batch.tokens, batch.cu_seqlens, batch.position_ids)
-                ce = par.token_ce(out.logits.float(), batch.labels)
-                lm = (ce * batch.loss_mask.view(-1)).sum()
-                loss = lm / n_tok + tcfg.aux_loss_coef * out.aux_loss / n_micro_global
-                par.prepare_backward(last_micro_batch=i == len(micro) - 1)
-                loss.backward()
-                lm_sum += lm.detach().double().cpu()
-                aux_sum += out.aux_loss.detach().double().cpu()
-                for layer in model.layers:
-                    st = layer.moe.last_stats
-                    drops += torch.tensor([st["dropped"], st["slots"]], dtype=torch.float64)
-            stats = par.all_reduce(torch.cat([lm_sum.view(1), aux_sum.view(1)]), "dp")
-            drops = par.all_reduce(drops, "tp_dp")  # each TP rank routed its own tokens
-            par.reduce_grads()
-            grad_norm = par.clip_grad_norm(tcfg.grad_clip)
-            lr = lr_at(step, tcfg)
-            set_lr(optimizer, lr)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    with GracefulStop(announce=rank == 0) as stopper:
+        try:
+            for step in range(start_step, tcfg.max_steps):
+                t0 = time.time()
+                micro = [b.to(device) for b in loader.next_step()]
+                n_tok = torch.tensor([float(sum(b.loss_mask.sum().item() for b in micro))])
+                n_tok = max(par.all_reduce(n_tok, "dp").item(), 1.0)
+                n_micro_global = len(micro) * dp
+                lm_sum = torch.zeros((), dtype=torch.float64)
+                aux_sum = torch.zeros((), dtype=torch.float64)
+                drops = torch.zeros(3, dtype=torch.float64)  # dropped slots, slots, stop flag
+                for i, batch in enumerate(micro):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                        out = model(batch.tokens, batch.cu_seqlens, batch.position_ids)
+                    ce = par.token_ce(out.logits.float(), batch.labels)
+                    lm = (ce * batch.loss_mask.view(-1)).sum()
+                    loss = lm / n_tok + tcfg.aux_loss_coef * out.aux_loss / n_micro_global
+                    par.prepare_backward(last_micro_batch=i == len(micro) - 1)
+                    loss.backward()
+                    lm_sum += lm.detach().double().cpu()
+                    aux_sum += out.aux_loss.detach().double().cpu()
+                    for layer in model.layers:
+                        st = layer.moe.last_stats
+                        drops[:2] += torch.tensor([st["dropped"], st["slots"]], dtype=torch.float64)
+                drops[2] = float(stopper.requested)
+                stats = par.all_reduce(torch.cat([lm_sum.view(1), aux_sum.view(1)]), "dp")
+                drops = par.all_reduce(drops, "tp_dp")  # each TP rank routed its own tokens
+                stop = drops[2].item() > 0  # any rank signalled: all stop after this step
+                par.reduce_grads()
+                grad_norm = par.clip_grad_norm(tcfg.grad_clip)
+                lr = lr_at(step, tcfg)
+                set_lr(optimizer, lr)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
-            loss_val = stats[0].item() / n_tok
-            dt = time.time() - t0
-            tokens = tcfg.global_batch * cfg.data.seq_len
-            tps = tokens / max(dt, 1e-9)
-            record = {"step": step + 1, "loss": loss_val, "lr": lr,
-                      "aux_loss": stats[1].item() / n_micro_global,
-                      "grad_norm": float(grad_norm), "tokens_per_s": tps,
-                      "drop_rate": drops[0].item() / max(drops[1].item(), 1.0),
-                      "step_time_s": dt,
-                      "mfu": (acct.flops_per_token * tps / (peak * world)) if peak else None}
-            logger.log(record)
-            result.losses.append((step + 1, loss_val))
-            result.final_step = step + 1
-            done = step + 1 == tcfg.max_steps
-            if done or (tcfg.ckpt_every and (step + 1) % tcfg.ckpt_every == 0):
-                ckpt.save(run_dir, step + 1, model, optimizer,
-                          {"loader": loader.state_dict(), "rng": ckpt.encode_rng()},
-                          {"config": cfg.to_dict()}, tcfg.keep_last,
-                          tensors=par.checkpoint_tensors(optimizer))
-    finally:
-        logger.close()
+                loss_val = stats[0].item() / n_tok
+                dt = time.time() - t0
+                tokens = tcfg.global_batch * cfg.data.seq_len
+                tps = tokens / max(dt, 1e-9)
+                record = {"step": step + 1, "loss": loss_val, "lr": lr,
+                          "aux_loss": stats[1].item() / n_micro_global,
+                          "grad_norm": float(grad_norm), "tokens_per_s": tps,
+                          "drop_rate": drops[0].item() / max(drops[1].item(), 1.0),
+                          "step_time_s": dt,
+                          "mfu": (acct.flops_per_token * tps / (peak * world)) if peak else None}
+                logger.log(record)
+                result.losses.append((step + 1, loss_val))
+                result.final_step = step + 1
+                done = step + 1 == tcfg.max_steps
+                if done or stop or (tcfg.ckpt_every and (step + 1) % tcfg.ckpt_every == 0):
+                    path = ckpt.save(run_dir, step + 1, model, optimizer,
+                                     {"loader": loader.state_dict(), "rng": ckpt.encode_rng()},
+                                     {"config": cfg.to_dict()}, tcfg.keep_last,
+                                     tensors=par.checkpoint_tensors(optimizer))
+                if stop and not done:
+                    logger.message(f"stopped at step {step + 1} on request; checkpoint {path}; "
+                                   f"run the same command again to resume")
+                    result.stopped = True
+                    break
+        finally:
+            logger.close()
     result.model = model  # type: ignore[attr-defined]
     result.parallel = par  # type: ignore[attr-defined]
     return result
