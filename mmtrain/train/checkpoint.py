@@ -71,6 +71,16 @@ class SafeReader(FileSystemReader):
         path = Path(self.path) / ".metadata"
         with open(path, "rb") as f:
             metadata = _SafeUnpickler(f).load()
+        # DCP loads a "bytes" entry with torch.load(weights_only=False), i.e. by unpickling it;
+        # mmtrain writes tensors only, so a checkpoint that declares bytes is refused outright.
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+        entries = getattr(metadata, "state_dict_metadata", {})
+        odd = [k for k, v in entries.items() if isinstance(v, BytesStorageMetadata)]
+        if odd:
+            raise pickle.UnpicklingError(f"checkpoint {self.path} declares non-tensor entries "
+                                         f"{odd[:3]}; mmtrain checkpoints hold tensors only, "
+                                         f"refusing to load them")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

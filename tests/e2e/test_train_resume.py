@@ -120,3 +120,16 @@ def test_resume_refuses_another_model(tmp_path):
                                    f"run.dir={tmp_path}"]))
     again = train(load_config(SMALL + ["train.max_steps=1", f"run.dir={tmp_path}"]))
     assert again.losses == [] and again.final_step == 1  # already done: nothing re-run
+
+
+def test_checkpoint_with_pickled_bytes_entries_is_refused(tmp_path):
+    """DCP would torch.load(weights_only=False) a 'bytes' entry: such a checkpoint is refused
+    before any data is read, even when every class in its metadata is DCP's own."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model.x": torch.zeros(2), "extra": {"note": "pickled"}}  # a non-tensor value
+    dcp.save(state, checkpoint_id=str(tmp_path / "c"))
+    with pytest.raises(pickle.UnpicklingError, match="non-tensor entries"):
+        ckpt.SafeReader(str(tmp_path / "c")).read_metadata()
