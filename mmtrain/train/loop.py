@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from mmtrain.config import Config, ConfigError
+from mmtrain.parallel.apply import check_layout
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train.metrics import MetricsLogger, peak_flops
 from mmtrain.train.optim import lr_at, set_lr
@@ -62,12 +63,13 @@ def init_distributed(cfg: Config, device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def check_layout(cfg: Config, world: int):
-    """The validated :class:`~mmtrain.parallel.topology.Topology` of this run; rejects layouts
-    this build cannot run (a ConfigError naming the field)."""
-    from mmtrain.parallel.apply import check_layout as check
-
-    return check(cfg, world)
+def launch_rank_world() -> tuple[int, int]:
+    """(rank, world) of this process: from the process group if one exists, else from the
+    launcher's environment (torchrun, Slurm via torchrun), so layouts can be checked before any
+    process group is created."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def build_model(cfg: Config, device: torch.device):
@@ -125,12 +127,13 @@ def train(cfg: Config) -> TrainResult:
                           f"tokenizer's {tokenizer.vocab_size}; set model.vocab_size>="
                           f"{tokenizer.vocab_size}")
     dataset = build_dataset(cfg.data, tokenizer)
-    device = _resolve_device(cfg)
-    rank, world = init_distributed(cfg, device)
+    rank, world = launch_rank_world()
     topology = check_layout(cfg, world)
     dp, dp_rank = topology.dp, topology.rank_info(rank).dp
     tcfg = cfg.train
     loader = DataLoader(dataset, tcfg.global_batch, tcfg.micro_batch, dp_rank, dp, cfg.data.seed)
+    device = _resolve_device(cfg)
+    rank, world = init_distributed(cfg, device)
 
     run_dir = Path(cfg.run.dir)
     if rank == 0:
