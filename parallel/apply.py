@@ -18,21 +18,24 @@ lightning attention         one TP region (input all-gathered, output reduce-sca
 softmax attention           one TP region: q rows of the local heads; k/v rows of the local KV
                             heads when T divides G, else (G divides T) the full k/v weights kept
                             replicated and sliced to the one KV head of the rank's query heads
-MoE                         :class:`SequenceParallelMoE`: router and experts replicated, each TP
-                            rank routes its own sequence shard, aux loss over the micro-batch
+MoE                         router replicated, each TP rank routes its own sequence shard;
+                            capacity and aux loss over groups of ranks
+                            (:class:`~mmtrain.parallel.moe.GroupBalance`); with ep·etp > 1 the
+                            experts are sharded and the all-to-all dispatcher installed
+                            (:func:`~mmtrain.parallel.moe.shard_experts`)
 norms                       replicated, run on the rank's sequence shard
 lm_head                     :class:`ColumnParallelLinear` (vocab rows), input all-gathered;
                             logits stay vocab-sharded for the vocab-parallel cross-entropy
 ==========================  ====================================================================
 
 Checkpoints (see :meth:`Parallel.checkpoint_tensors`) hold the FULL logical tensors under the
-single-process keys ``model.<fqn>`` and ``optim.<fqn>.{exp_avg,exp_avg_sq,step}``: TP shards and
+single-process keys ``model.<fqn>`` and ``optim.<fqn>.{exp_avg,exp_avg_sq,step}``: TP, EP/ETP and
 ZeRO shards are all-gathered on save and sliced on load, so any layout loads any other. This costs
 one full copy of the model and optimizer state per rank during a save or load — fine at CPU and
 small-GPU scale, to be replaced by DTensor-sharded saves for large models.
 
 Unsupported layouts fail in :func:`check_layout` (before any process group exists) with a
-ConfigError naming the field: cp, pp, ep and etp > 1 arrive in later issues; TP needs sequence
+ConfigError naming the field: cp and pp > 1 arrive in later issues; TP needs sequence
 parallelism.
 """
 
@@ -48,22 +51,21 @@ import torch.nn.functional as F
 
 from mmtrain.config import Config, ConfigError, ParallelConfig
 from mmtrain.parallel.data import GradSync, ParamInfo, ZeroAdamW, clip_grad_norm
-from mmtrain.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, SequenceParallelMoE,
-                                     SlicedLinear, TPRMSNorm, VocabParallelEmbedding,
-                                     all_gather_dim0, gather_from_sp, reduce_scatter_to_sp,
+from mmtrain.parallel.moe import GroupBalance, shard_experts
+from mmtrain.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, SlicedLinear,
+                                     TPRMSNorm, VocabParallelEmbedding, all_gather_dim0,
+                                     gather_from_sp, reduce_scatter_to_sp,
                                      vocab_parallel_cross_entropy)
 from mmtrain.parallel.topology import Topology
 
 __all__ = ["check_layout", "parallelize", "Parallel", "GROUPS_USED"]
 
-#: Process groups the TP × DP trainer needs.
-GROUPS_USED = ("tp", "dp", "tp_dp", "edp")
+#: Process groups the trainer needs.
+GROUPS_USED = ("tp", "dp", "tp_dp", "tp_dp_cp", "ep", "etp", "edp")
 
 _LATER = {
     "cp": "context parallelism (LASP+, ring attention) arrives with parallel/context.py",
     "pp": "pipeline parallelism is not implemented yet",
-    "ep": "expert parallelism arrives with the MoE dispatcher",
-    "etp": "expert tensor parallelism arrives with the MoE dispatcher",
 }
 
 
@@ -81,7 +83,7 @@ def check_layout(cfg: Config, world: int) -> Topology:
                           "parallelism only (each TP rank routes its own sequence shard through "
                           "the MoE, as Megatron requires); set parallel.sequence_parallel=true "
                           "(or null)")
-    topo = Topology.from_config(p, world)
+    topo = Topology.from_config(p, world, cfg.model)
     if cfg.train.micro_batch is None:  # null: the global batch split over DP, no accumulation
         if cfg.train.global_batch % topo.dp:
             raise ConfigError(f"train.global_batch: {cfg.train.global_batch} rows do not split over "
@@ -168,8 +170,6 @@ def _shard_tensor_parallel(model: nn.Module, tp: int, t: int, group) -> dict:
             raise TypeError(f"no tensor-parallel plan for {type(a).__name__}")
         a.register_forward_pre_hook(functools.partial(_region_in, group))
         a.register_forward_hook(functools.partial(_region_out, group))
-        layer.moe.__class__ = SequenceParallelMoE
-        layer.moe.tp_group = group
     return split
 
 
@@ -191,10 +191,16 @@ class Parallel:
         self.dp, self.dp_rank = topology.dp, info.dp
         self.vocab_start = 0
         split: dict[str, int] = {}
+        self.layouts: dict = {}  # expert params: fqn -> (full -> local, local -> full)
         full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         if self.tp > 1:
             split = _shard_tensor_parallel(model, self.tp, self.tp_rank, groups.tp)
             self.vocab_start = self.tp_rank * (model.cfg.vocab_size // self.tp)
+        if self.distributed:
+            model.set_balance(GroupBalance(model.cfg.global_routing, groups.tp_dp_cp, groups.tp))
+            if topology.ep * topology.etp > 1:
+                self.layouts = shard_experts(model, groups.ep, groups.etp,
+                                             pcfg.moe_overlap_groups)
         model.to(device)
         self.infos: list[ParamInfo] = []
         for name, p in model.named_parameters():
@@ -260,7 +266,10 @@ class Parallel:
 
     # ------------------------------------------------------------------------ full tensors
     def _full(self, info: ParamInfo, local: torch.Tensor) -> torch.Tensor:
-        """The full logical tensor of a local piece (collective over TP for split params)."""
+        """The full logical tensor of a local piece (collective over TP for split params, over
+        EP and ETP for sharded experts)."""
+        if info.name in self.layouts:
+            return self.layouts[info.name][1](local.detach())
         if info.tp_dim is None or self.tp == 1:
             return local
         pieces = all_gather_dim0(local.detach().movedim(info.tp_dim, 0).contiguous(),
@@ -268,6 +277,8 @@ class Parallel:
         return pieces.movedim(0, info.tp_dim).contiguous()
 
     def _local(self, info: ParamInfo, full: torch.Tensor) -> torch.Tensor:
+        if info.name in self.layouts:
+            return self.layouts[info.name][0](full)
         if info.tp_dim is None or self.tp == 1:
             return full
         n = full.shape[info.tp_dim] // self.tp

@@ -73,7 +73,8 @@ def test_dropless_moe_matches_dense_loop():
     for t in range(7):
         for j in range(2):
             i = r.idx_TK[t, j]
-            h = torch.nn.functional.silu(e.w1[i] @ x[t]) * (e.w3[i] @ x[t])
+            w1, w3 = e.w13[i, :5], e.w13[i, 5:]  # gate rows, then up rows
+            h = torch.nn.functional.silu(w1 @ x[t]) * (w3 @ x[t])
             want[t] += r.weight_TK[t, j] * (e.w2[i] @ h)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
     assert math.isclose(moe.last_stats["slots"], 14)
