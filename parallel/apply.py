@@ -83,7 +83,7 @@ def check_layout(cfg: Config, world: int) -> Topology:
                           "parallelism only (each TP rank routes its own sequence shard through "
                           "the MoE, as Megatron requires); set parallel.sequence_parallel=true "
                           "(or null)")
-    topo = Topology.from_config(p, world, cfg.model)
+    topo = Topology.from_config(p, world)
     if cfg.train.micro_batch is None:  # null: the global batch split over DP, no accumulation
         if cfg.train.global_batch % topo.dp:
             raise ConfigError(f"train.global_batch: {cfg.train.global_batch} rows do not split over "
@@ -104,6 +104,8 @@ def check_layout(cfg: Config, world: int) -> Topology:
         raise ConfigError(f"data.seq_len: micro_batch × seq_len = {cfg.train.micro_batch} × "
                           f"{cfg.data.seq_len} tokens do not split over parallel.tp={t} "
                           f"(sequence parallelism); make it a multiple of {t}")
+    # experts split over EP, each expert's width over ETP
+    topo.check_model(num_experts=m.num_experts, ffn_hidden_size=m.ffn_hidden_size)
     dp = topo.dp
     if cfg.train.global_batch % (cfg.train.micro_batch * dp):
         raise ConfigError(f"train.global_batch: {cfg.train.global_batch} is not a multiple of "

@@ -42,11 +42,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mmtrain.model.moe import (Balance, Experts, Routing, capacity_keep, combine_slots,
-                               compute_dtype, expert_capacity, grouped_mm_available,
-                               swiglu_backward, swiglu_forward)
+                               compute_dtype, expert_capacity, gather_slots, grouped_mm_available,
+                               inverse, swiglu_backward, swiglu_forward)
 from mmtrain.parallel.tensor import all_gather_dim0
 
-__all__ = ["GroupBalance", "AllToAllDispatcher", "all_to_all", "shard_experts"]
+__all__ = ["GroupBalance", "AllToAllDispatcher", "all_to_all", "shard_moe", "shard_experts"]
 
 
 def _size(group) -> int:
@@ -308,12 +308,12 @@ class AllToAllDispatcher:
         n_keep = int(cge.sum())
         # 3. rows out (kept slots only), through the pipeline, back
         dt = compute_dtype(x_TD)
-        x_send = x_TD.index_select(0, order[:n_keep] // K).to(dt)
+        inv = inverse(order)
+        x_send = gather_slots(x_TD.to(dt), order[:n_keep], inv, K)
         y_send = _ExpertPipeline.apply(x_send, experts.w13, experts.w2, plans,
                                        self.ep_group, self.etp_group)
-        y_S = torch.cat([y_send, y_send.new_zeros((T * K - n_keep, y_send.shape[1]))])
-        # 4. unpermute and combine in fp32
-        return combine_slots(y_S, order, routing)
+        # 4. unpermute (dropped slots: zeros) and combine in fp32
+        return combine_slots(y_send, order, inv, routing)
 
 
 # --------------------------------------------------------------------------------- sharding
@@ -348,24 +348,27 @@ def full_w2(local: torch.Tensor, ep_group, etp_group) -> torch.Tensor:
     return all_gather_dim0(w, ep_group)
 
 
-def shard_experts(model, ep_group, etp_group, overlap_groups: int) -> dict:
-    """Keep this rank's experts and F slice in every MoE layer and install the all-to-all
-    dispatcher; ``{fqn: (local_fn, full_fn)}`` for the expert parameters."""
-    cfg = model.cfg
+def shard_moe(moe, ep_group, etp_group, overlap_groups: int):
+    """Keep this rank's experts and F slice of one MoE layer and install the all-to-all
+    dispatcher; returns (local_fn, full_fn) pairs for ``w13`` and ``w2``."""
+    E, F2 = moe.experts.w13.shape[0], moe.experts.w13.shape[1]
     ep, etp = _size(ep_group), _size(etp_group)
-    es, fs = expert_slices(cfg.num_experts, cfg.ffn_hidden_size, ep, _rank(ep_group), etp,
-                           _rank(etp_group))
+    es, fs = expert_slices(E, F2 // 2, ep, _rank(ep_group), etp, _rank(etp_group))
+    ex = moe.experts
+    with torch.no_grad():
+        ex.w13 = torch.nn.Parameter(local_w13(ex.w13.detach(), es, fs).clone())
+        ex.w2 = torch.nn.Parameter(local_w2(ex.w2.detach(), es, fs).clone())
+    moe.dispatcher = AllToAllDispatcher(ep_group, etp_group, E, overlap_groups)
+    return ((lambda full: local_w13(full, es, fs), lambda loc: full_w13(loc, ep_group, etp_group)),
+            (lambda full: local_w2(full, es, fs), lambda loc: full_w2(loc, ep_group, etp_group)))
+
+
+def shard_experts(model, ep_group, etp_group, overlap_groups: int) -> dict:
+    """:func:`shard_moe` for every layer; ``{fqn: (local_fn, full_fn)}`` of the expert
+    parameters (checkpoints gather and slice through them)."""
     layouts = {}
     for i, layer in enumerate(model.layers):
-        ex = layer.moe.experts
-        with torch.no_grad():
-            ex.w13 = torch.nn.Parameter(local_w13(ex.w13.detach(), es, fs).clone())
-            ex.w2 = torch.nn.Parameter(local_w2(ex.w2.detach(), es, fs).clone())
-        layer.moe.dispatcher = AllToAllDispatcher(ep_group, etp_group, cfg.num_experts,
-                                                  overlap_groups)
-        pre = f"layers.{i}.moe.experts."
-        layouts[pre + "w13"] = (lambda full, es=es, fs=fs: local_w13(full, es, fs),
-                                lambda loc: full_w13(loc, ep_group, etp_group))
-        layouts[pre + "w2"] = (lambda full, es=es, fs=fs: local_w2(full, es, fs),
-                               lambda loc: full_w2(loc, ep_group, etp_group))
+        l13, l2 = shard_moe(layer.moe, ep_group, etp_group, overlap_groups)
+        layouts[f"layers.{i}.moe.experts.w13"] = l13
+        layouts[f"layers.{i}.moe.experts.w2"] = l2
     return layouts

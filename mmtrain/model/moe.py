@@ -213,27 +213,21 @@ def _gmm_wgrad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, counts: Opt
 def swiglu_forward(x_nD, w13_EHD, w2_EDF, offs, counts):
     """Rows of ``x_nD`` grouped by expert (offs: int32 cumulative ends on the device for grouped
     GEMM; counts: host list for the loop, else None). Returns (y_nD, h_nH) with H = 2F."""
+    from mmtrain.kernels.swiglu import swiglu_act
+
     h = _gmm(x_nD, w13_EHD.transpose(-2, -1), offs, counts)
-    Fw = h.shape[-1] // 2
-    a = F.silu(h[:, :Fw]) * h[:, Fw:]
-    y = _gmm(a, w2_EDF.transpose(-2, -1), offs, counts)
+    y = _gmm(swiglu_act(h), w2_EDF.transpose(-2, -1), offs, counts)
     return y, h
 
 
 def swiglu_backward(dy_nD, x_nD, h_nH, w13_EHD, w2_EDF, offs, counts):
     """Gradients (dx, dw13, dw2) of :func:`swiglu_forward` (the activation is recomputed)."""
+    from mmtrain.kernels.swiglu import swiglu_act_backward
+
     E = w13_EHD.shape[0]
-    Fw = h_nH.shape[-1] // 2
-    g, u = h_nH[:, :Fw], h_nH[:, Fw:]
-    sg = torch.sigmoid(g.float())
-    silu = (g.float() * sg)
-    a = (silu * u.float()).to(dy_nD.dtype)
     da = _gmm(dy_nD, w2_EDF, offs, counts)  # [n, F]
+    dh, a = swiglu_act_backward(h_nH, da)
     dw2 = _gmm_wgrad(dy_nD, a, offs, counts, E)  # [E, D, F]
-    daf = da.float()
-    dg = daf * u.float() * (sg * (1 + g.float() * (1 - sg)))
-    du = daf * silu
-    dh = torch.cat([dg, du], dim=-1).to(dy_nD.dtype)
     dx = _gmm(dh, w13_EHD, offs, counts)  # [n, D]
     dw13 = _gmm_wgrad(dh, x_nD, offs, counts, E)  # [E, 2F, D]
     return dx, dw13, dw2
@@ -312,29 +306,68 @@ class Experts(nn.Module):
 
 
 # -------------------------------------------------------------------------------- dispatchers
+class _Gather(torch.autograd.Function):
+    """``x.index_select(0, idx)`` whose backward is a gather too: rows ``idx`` of x, where idx
+    is (a prefix of) a permutation of ``K`` copies of x's rows (``idx = order // K``).
+
+    The backward pads the gradient of the missing rows (dropped slots) with zeros, brings it
+    back to slot order with ``inv`` and sums each row's K copies: no scatter-add (atomics on
+    CUDA), deterministic."""
+
+    @staticmethod
+    def forward(ctx, x, order, inv, K):
+        ctx.save_for_backward(inv)
+        ctx.K, ctx.rows = K, x.shape[0]
+        return x.index_select(0, order // K if K > 1 else order)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        S = ctx.rows * ctx.K
+        if g.shape[0] < S:
+            g = torch.cat([g, g.new_zeros((S - g.shape[0],) + tuple(g.shape[1:]))])
+        g = g.index_select(0, inv)
+        if ctx.K > 1:
+            g = g.view(ctx.rows, ctx.K, *g.shape[1:]).sum(1)
+        return g, None, None, None
+
+
 def sort_slots(routing: Routing, num_experts: int):
     """Kept slots grouped by expert (dropped slots last), all on the device.
 
-    Returns (order_S, counts_E, kept_S): ``order_S`` indexes the flat T·K slots, ``counts_E``
-    counts the kept slots per expert, ``kept_S`` the keep flag in sorted order."""
+    Returns (order_S, inv_S, counts_E, kept_S): ``order_S`` indexes the flat T·K slots,
+    ``inv_S`` its inverse, ``counts_E`` counts the kept slots per expert, ``kept_S`` the keep
+    flag in sorted order."""
     flat_e = routing.idx_TK.reshape(-1)
     flat_keep = routing.keep_TK.reshape(-1)
     key = torch.where(flat_keep, flat_e, torch.full_like(flat_e, num_experts))
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
-    return order, counts, flat_keep[order]
+    return order, inverse(order), counts, flat_keep[order]
 
 
-def combine_slots(y_SD: torch.Tensor, order_S: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Unpermute the slots' outputs and sum each token's K experts, weighted, in fp32 (dropped
-    slots have weight 0)."""
+def inverse(order: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    return inv
+
+
+def gather_slots(x_TD: torch.Tensor, order_S: torch.Tensor, inv_S: torch.Tensor, K: int):
+    """The rows of the sorted slots (``order_S`` may be a prefix: kept slots only)."""
+    return _Gather.apply(x_TD, order_S, inv_S, K)
+
+
+def combine_slots(y_SD: torch.Tensor, order_S: torch.Tensor, inv_S: torch.Tensor,
+                  routing: Routing) -> torch.Tensor:
+    """Unpermute the slots' outputs (``y_SD`` in sorted order; missing trailing rows are dropped
+    slots) and sum each token's K experts, weighted, in fp32 (dropped slots weigh 0)."""
     T, K = routing.idx_TK.shape
-    inv = torch.empty_like(order_S)
-    inv[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-    y_TKD = y_SD.index_select(0, inv).view(T, K, -1)
+    y_TKD = _Gather.apply(y_SD, inv_S, order_S, 1) if y_SD.shape[0] == T * K else \
+        _Gather.apply(torch.cat([y_SD, y_SD.new_zeros((T * K - y_SD.shape[0], y_SD.shape[1]))]),
+                      inv_S, order_S, 1)
     acc = torch.promote_types(y_SD.dtype, torch.float32)
     w = torch.where(routing.keep_TK, routing.weight_TK, torch.zeros_like(routing.weight_TK))
-    return torch.einsum("tkd,tk->td", y_TKD.to(acc), w.to(acc))
+    return torch.bmm(w.to(acc).unsqueeze(1), y_TKD.view(T, K, -1).to(acc)).squeeze(1)
 
 
 class LocalDispatcher:
@@ -343,10 +376,10 @@ class LocalDispatcher:
     def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
         E = experts.w13.shape[0]
         K = routing.idx_TK.shape[1]
-        order, counts, kept = sort_slots(routing, E)
-        x_SD = x_TD.index_select(0, order // K) * kept[:, None].to(x_TD.dtype)
+        order, inv, counts, kept = sort_slots(routing, E)
+        x_SD = gather_slots(x_TD, order, inv, K) * kept[:, None].to(x_TD.dtype)
         y_SD = experts(x_SD, counts)
-        return combine_slots(y_SD, order, routing)
+        return combine_slots(y_SD, order, inv, routing)
 
 
 class MoE(nn.Module):
