@@ -22,12 +22,19 @@ except ImportError:  # pragma: no cover - triton is a dependency of torch on Lin
 _BLOCK = 1024
 
 
+def _jit(fn):
+    from mmtrain.kernels.lightning.triton_scan import _jit as jit
+
+    return jit(fn)
+
+
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
+# Plain functions, jitted at call time by the lightning module's ``_jit`` (the interpreter can be
+# switched per call); only builtins of triton.language (no @jit helpers such as tl.sigmoid).
 if triton is not None:
-    @triton.jit
     def _fwd(h_ptr, a_ptr, n_el, F, BLOCK: tl.constexpr):
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = i < n_el
@@ -35,10 +42,9 @@ if triton is not None:
         col = i - row * F
         g = tl.load(h_ptr + row * 2 * F + col, mask=m, other=0.0).to(tl.float32)
         u = tl.load(h_ptr + row * 2 * F + F + col, mask=m, other=0.0).to(tl.float32)
-        a = g * tl.sigmoid(g) * u
+        a = g / (1.0 + tl.exp(-g)) * u
         tl.store(a_ptr + i, a.to(a_ptr.dtype.element_ty), mask=m)
 
-    @triton.jit
     def _bwd(h_ptr, da_ptr, dh_ptr, a_ptr, n_el, F, BLOCK: tl.constexpr):
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = i < n_el
@@ -47,7 +53,7 @@ if triton is not None:
         g = tl.load(h_ptr + row * 2 * F + col, mask=m, other=0.0).to(tl.float32)
         u = tl.load(h_ptr + row * 2 * F + F + col, mask=m, other=0.0).to(tl.float32)
         da = tl.load(da_ptr + i, mask=m, other=0.0).to(tl.float32)
-        s = tl.sigmoid(g)
+        s = 1.0 / (1.0 + tl.exp(-g))
         silu = g * s
         dg = da * u * (s * (1.0 + g * (1.0 - s)))
         du = da * silu
@@ -69,7 +75,7 @@ def swiglu_act(h_nH: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.silu(h_nH[:, :Fw]) * h_nH[:, Fw:]
     a = h_nH.new_empty((n, Fw))
     if n:
-        _fwd[(triton.cdiv(n * Fw, _BLOCK),)](h_nH, a, n * Fw, Fw, BLOCK=_BLOCK)
+        _jit(_fwd)[((n * Fw + _BLOCK - 1) // _BLOCK,)](h_nH, a, n * Fw, Fw, BLOCK=_BLOCK)
     return a
 
 
@@ -88,6 +94,6 @@ def swiglu_act_backward(h_nH: torch.Tensor, da_nF: torch.Tensor):
     dh = torch.empty_like(h_nH)
     a = h_nH.new_empty((n, Fw))
     if n:
-        _bwd[(triton.cdiv(n * Fw, _BLOCK),)](h_nH, da_nF.contiguous(), dh, a, n * Fw, Fw,
-                                             BLOCK=_BLOCK)
+        _jit(_bwd)[((n * Fw + _BLOCK - 1) // _BLOCK,)](h_nH, da_nF.contiguous(), dh, a, n * Fw,
+                                                       Fw, BLOCK=_BLOCK)
     return dh, a

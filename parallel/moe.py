@@ -229,8 +229,9 @@ class _ExpertPipeline(torch.autograd.Function):
         etp = _size(etp_group)
         dy_send = dy_send.contiguous().to(w13c.dtype)
         dx_send = dy_send.new_empty(dy_send.shape)
-        dw13 = torch.zeros(w13c.shape, dtype=torch.float32, device=w13c.device)
-        dw2 = torch.zeros(w2c.shape, dtype=torch.float32, device=w2c.device)
+        acc = torch.promote_types(w13c.dtype, torch.float32)  # fp32 (fp64 in fp64 tests)
+        dw13 = torch.zeros(w13c.shape, dtype=acc, device=w13c.device)
+        dw2 = torch.zeros(w2c.shape, dtype=acc, device=w2c.device)
         pending = [None] * len(plans)
 
         def launch(g):  # the reverse of the combine all-to-all: dy to the experts' ranks
