@@ -209,6 +209,18 @@ def local(args):
             row["rel_diff_old_new"] = float((a.float() - b.float()).norm() / b.float().norm())
         out["layer"].append(row)
         print(json.dumps(row), flush=True)
+        if args.profile and T == rows[1] and dev == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            for name, m in (("new", new), ("old", olds)):
+                if m is None:
+                    continue
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    run(m)()
+                    torch.cuda.synchronize()
+                print(f"--- profile of the {name} layer, {T} tokens")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                                max_name_column_width=70))
     print(f"\n{out['device']}, torch {out['torch']}, D={D} F={Fw}, {El} local experts, bf16")
     print("expert GEMMs alone (TFLOP/s) and the whole expert fwd+bwd with fp32 master weights (ms)")
     print(f"{'rows':>7} {'split':>9} {'gGEMM':>7} {'loopGEMM':>9} {'grouped ms':>11} {'TFLOP/s':>8} "
@@ -354,6 +366,7 @@ def main():
     p.add_argument("--tokens", type=int, default=16384, help="dist: tokens per rank")
     p.add_argument("--groups", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
     p.add_argument("--cpu-smoke", action="store_true")
+    p.add_argument("--profile", action="store_true", help="local: kernel table of one layer step")
     p.add_argument("--out", default="")
     args = p.parse_args()
     out = local(args) if args.mode == "local" else dist_mode(args)

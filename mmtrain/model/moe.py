@@ -373,11 +373,16 @@ def combine_slots(y_SD: torch.Tensor, order_S: torch.Tensor, inv_S: torch.Tensor
 class LocalDispatcher:
     """All experts on this device: permute by a device sort, grouped experts, unpermute."""
 
+    def __init__(self, drops: bool = True):
+        self.drops = drops  # False: dropless (capacity_factor null), no masking needed
+
     def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
         E = experts.w13.shape[0]
         K = routing.idx_TK.shape[1]
         order, inv, counts, kept = sort_slots(routing, E)
-        x_SD = gather_slots(x_TD, order, inv, K) * kept[:, None].to(x_TD.dtype)
+        x_SD = gather_slots(x_TD.to(compute_dtype(x_TD)), order, inv, K)  # bf16 under autocast
+        if self.drops:  # dropped slots (sorted last) ride with the last expert as zero rows
+            x_SD = x_SD * kept[:, None].to(x_SD.dtype)
         y_SD = experts(x_SD, counts)
         return combine_slots(y_SD, order, inv, routing)
 
@@ -390,7 +395,7 @@ class MoE(nn.Module):
         self.layer_idx = layer_idx
         self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size)
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher = LocalDispatcher(drops=cfg.capacity_factor is not None)
         self.balance = Balance(cfg.global_routing)
         self.last_stats: dict = {}
 
@@ -398,7 +403,8 @@ class MoE(nn.Module):
         """Returns (y_TD, aux) with aux this call's differentiable aux term (see the module
         docstring: the step's running E·Σ f·m share, or E·Σ f·m of the call alone)."""
         rdt = torch.promote_types(x_TD.dtype, torch.float32)  # fp32 routing (fp64 in fp64 tests)
-        logits = F.linear(x_TD.to(rdt), self.router.weight.to(rdt))
+        with torch.autocast(x_TD.device.type, enabled=False):  # fp32 logits, not autocast's bf16
+            logits = F.linear(x_TD.to(rdt), self.router.weight.to(rdt))
         routing = route(logits, self.top_k, None)
         routing.keep_TK = self.balance.keep(routing.idx_TK, self.num_experts,
                                             self.capacity_factor)
