@@ -115,6 +115,10 @@ def _keep(rank, world, port, out):
     glob = GroupBalance(True, dist.group.WORLD, None).keep(idx, 2, 1.0)
     res["local"] = local[:, 0].tolist()
     res["global"] = glob[:, 0].tolist()
+    # skewed: rank r sends all its tokens to expert r; local drops half, global nothing
+    skew = torch.full((4, 1), rank)
+    res["skew_local_drops"] = int((~GroupBalance(False, dist.group.WORLD, None).keep(skew, 2, 1.0)).sum())
+    res["skew_global_drops"] = int((~GroupBalance(True, dist.group.WORLD, None).keep(skew, 2, 1.0)).sum())
     # top-2 on random routing: global keeps = one device's keeps on the concatenated tokens
     g = torch.Generator().manual_seed(3)
     every = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(world * 7)])
@@ -137,4 +141,5 @@ def test_global_routing_drops_are_one_devices_and_fewer_than_local():
     assert out[1]["global"] == [True, False, False, True]
     for r in (0, 1):
         assert out[r]["concat_equal"]
+        assert (out[r]["skew_local_drops"], out[r]["skew_global_drops"]) == (2, 0)
     assert out[0]["concat_drops"] + out[1]["concat_drops"] > 0
