@@ -86,10 +86,11 @@ def swiglu_act_backward(h_nH: torch.Tensor, da_nF: torch.Tensor):
     if not _use_kernel(h_nH):
         acc = torch.promote_types(h_nH.dtype, torch.float32)
         g, u = h_nH[:, :Fw].to(acc), h_nH[:, Fw:].to(acc)
-        s = torch.sigmoid(g)
-        silu = g * s
+        silu = torch.nn.functional.silu(g)
         d = da_nF.to(acc)
-        dh = torch.cat([d * u * (s * (1 + g * (1 - s))), d * silu], dim=-1).to(h_nH.dtype)
+        dh = torch.empty((n, H), dtype=h_nH.dtype, device=h_nH.device)
+        dh[:, :Fw] = torch.ops.aten.silu_backward(d * u, g)
+        dh[:, Fw:] = d * silu
         return dh, (silu * u).to(h_nH.dtype)
     dh = torch.empty_like(h_nH)
     a = h_nH.new_empty((n, Fw))

@@ -189,10 +189,10 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: Optional[
     """Grouped ``a[rows of e] @ b[e]`` (a: [n, k], b: [E, k, m]) -> [n, m]."""
     if counts is None:
         return torch._grouped_mm(a, b, offs=offs)
-    out, start = a.new_zeros((a.shape[0], b.shape[-1])), 0
+    out, start = a.new_empty((a.shape[0], b.shape[-1])), 0
     for e, c in enumerate(counts):
         if c:
-            out[start:start + c] = a[start:start + c] @ b[e]
+            torch.mm(a[start:start + c], b[e], out=out[start:start + c])
         start += c
     return out
 
@@ -202,17 +202,23 @@ def _gmm_wgrad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, counts: Opt
     """Per group ``a[rows of e]ᵀ @ g[rows of e]`` (a: [n, k], g: [n, m]) -> [E, k, m]."""
     if counts is None:
         return torch._grouped_mm(a.t(), g, offs=offs)
-    out, start = a.new_zeros((E, a.shape[1], g.shape[1])), 0
+    out, start = a.new_empty((E, a.shape[1], g.shape[1])), 0
     for e, c in enumerate(counts):
         if c:
-            out[e] = a[start:start + c].t() @ g[start:start + c]
+            torch.mm(a[start:start + c].t(), g[start:start + c], out=out[e])
+        else:
+            out[e].zero_()
         start += c
     return out
 
 
 def swiglu_forward(x_nD, w13_EHD, w2_EDF, offs, counts):
     """Rows of ``x_nD`` grouped by expert (offs: int32 cumulative ends on the device for grouped
-    GEMM; counts: host list for the loop, else None). Returns (y_nD, h_nH) with H = 2F."""
+    GEMM; counts: host list for the loop, else None). Returns (y_nD, h) with h the gate/up GEMM
+    output saved for the backward: [n, 2F] (grouped GEMM) or [2, n, F] (the loop keeps gate and
+    up contiguous, which the elementwise ops on CPU need to be fast)."""
+    if counts is not None:
+        return _loop_forward(x_nD, w13_EHD, w2_EDF, counts)
     from mmtrain.kernels.swiglu import swiglu_act
 
     h = _gmm(x_nD, w13_EHD.transpose(-2, -1), offs, counts)
@@ -220,16 +226,57 @@ def swiglu_forward(x_nD, w13_EHD, w2_EDF, offs, counts):
     return y, h
 
 
-def swiglu_backward(dy_nD, x_nD, h_nH, w13_EHD, w2_EDF, offs, counts):
+def swiglu_backward(dy_nD, x_nD, h, w13_EHD, w2_EDF, offs, counts):
     """Gradients (dx, dw13, dw2) of :func:`swiglu_forward` (the activation is recomputed)."""
+    if counts is not None:
+        return _loop_backward(dy_nD, x_nD, h, w13_EHD, w2_EDF, counts)
     from mmtrain.kernels.swiglu import swiglu_act_backward
 
     E = w13_EHD.shape[0]
     da = _gmm(dy_nD, w2_EDF, offs, counts)  # [n, F]
-    dh, a = swiglu_act_backward(h_nH, da)
+    dh, a = swiglu_act_backward(h, da)
     dw2 = _gmm_wgrad(dy_nD, a, offs, counts, E)  # [E, D, F]
     dx = _gmm(dh, w13_EHD, offs, counts)  # [n, D]
     dw13 = _gmm_wgrad(dh, x_nD, offs, counts, E)  # [E, 2F, D]
+    return dx, dw13, dw2
+
+
+def _spans(counts):
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            yield e, slice(start, start + c)
+        start += c
+
+
+def _loop_forward(x, w13, w2, counts):
+    """One expert at a time, elementwise work included (cache-sized pieces on CPU)."""
+    Fw = w13.shape[1] // 2
+    h = x.new_empty((2, x.shape[0], Fw))
+    y = x.new_empty((x.shape[0], w2.shape[1]))
+    for e, r in _spans(counts):
+        g = torch.mm(x[r], w13[e, :Fw].t(), out=h[0, r])
+        u = torch.mm(x[r], w13[e, Fw:].t(), out=h[1, r])
+        torch.mm(F.silu(g).mul_(u), w2[e].t(), out=y[r])
+    return y, h
+
+
+def _loop_backward(dy, x, h, w13, w2, counts):
+    Fw = w13.shape[1] // 2
+    dx = torch.empty_like(x)
+    dw13 = torch.zeros_like(w13)
+    dw2 = torch.zeros_like(w2)
+    for e, r in _spans(counts):
+        g, u = h[0, r], h[1, r]
+        da = dy[r] @ w2[e]
+        silu = F.silu(g)
+        torch.mm(dy[r].t(), silu * u, out=dw2[e])
+        dg = torch.ops.aten.silu_backward(da * u, g)
+        du = da.mul_(silu)
+        torch.mm(dg, w13[e, :Fw], out=dx[r])
+        dx[r].addmm_(du, w13[e, Fw:])
+        torch.mm(dg.t(), x[r], out=dw13[e, :Fw])
+        torch.mm(du.t(), x[r], out=dw13[e, Fw:])
     return dx, dw13, dw2
 
 
@@ -367,7 +414,7 @@ def combine_slots(y_SD: torch.Tensor, order_S: torch.Tensor, inv_S: torch.Tensor
                       inv_S, order_S, 1)
     acc = torch.promote_types(y_SD.dtype, torch.float32)
     w = torch.where(routing.keep_TK, routing.weight_TK, torch.zeros_like(routing.weight_TK))
-    return torch.bmm(w.to(acc).unsqueeze(1), y_TKD.view(T, K, -1).to(acc)).squeeze(1)
+    return (y_TKD.view(T, K, -1).to(acc) * w.to(acc)[..., None]).sum(1)
 
 
 class LocalDispatcher:
