@@ -293,6 +293,8 @@ def dist_mode(args):
     layouts = [("ep", world, 1), ("etp", 1, world)]
     if world >= 4:
         layouts.append(("ep_etp", world // 2, 2))
+    if args.layouts:
+        layouts = [lay for lay in layouts if lay[0] in args.layouts.split(",")]
     res = []
     g = torch.Generator().manual_seed(1 + rank)
     x_cpu = torch.randn(T, D, generator=g)
@@ -305,12 +307,11 @@ def dist_mode(args):
         for G in args.groups:
             cfg = ModelConfig(hidden_size=D, ffn_hidden_size=Fw, num_experts=E, top_k=2,
                               num_heads=4, head_dim=32)
-            torch.manual_seed(0)
-            moe = MoE(cfg)
-            moe.reset_parameters(0.5, torch.Generator().manual_seed(0))
+            with torch.device(dev):  # build and initialise on the device (5.4B weights)
+                moe = MoE(cfg)
+                moe.reset_parameters(0.5, torch.Generator(device=dev).manual_seed(0))
             moe.balance = GroupBalance(False, world_group, me)
             shard_moe(moe, ep_g if ep > 1 else None, etp_g if etp > 1 else None, G)
-            moe.to(dev)
             x = x_cpu.to(dev).requires_grad_()
 
             def step():
@@ -366,6 +367,7 @@ def main():
     p.add_argument("--tokens", type=int, default=16384, help="dist: tokens per rank")
     p.add_argument("--groups", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
     p.add_argument("--cpu-smoke", action="store_true")
+    p.add_argument("--layouts", default="", help="dist: comma list of ep, etp, ep_etp")
     p.add_argument("--profile", action="store_true", help="local: kernel table of one layer step")
     p.add_argument("--out", default="")
     args = p.parse_args()
