@@ -1,0 +1,188 @@
+"""Varlen Ring Attention (SPEC §6) for the softmax layers under context parallelism.
+
+Legend: C CP size, r this rank's CP index, B rows, Tl tokens per rank per row, T = B·Tl local
+tokens, H query heads, G KV heads, K head dim.
+
+The packed stream is split contiguously (see :mod:`mmtrain.parallel.context`; no per-document
+padding). At hop h rank r holds the K/V of chunk j = r - h:
+
+* h = 0 (diagonal): varlen-causal attention over the local documents (local ``cu_seqlens``);
+* h ≥ 1, j ≥ 0: only the document containing r's first token of a row, when it began on an
+  earlier rank before the end of chunk j: its rows on r (before the first local document start)
+  attend, non-causally, its rows on chunk j (from ``max(doc_start - j·Tl, 0)`` to the piece end).
+  Every other (row, chunk) pair is skipped.
+
+The number of hops is the largest distance any continuing document spans (from the plan, the
+same on every rank); a batch whose documents never cross a rank edge runs no hop at all. Partial
+results merge by log-sum-exp (fp32). The K/V of hop h+1 are in flight (``batch_isend_irecv``)
+while hop h computes; a rank sends only chunks its successor will use.
+
+Backward: the diagonal gradients stay local; K/V go round again with a dK/dV accumulator that
+travels with its chunk (every rank adds the contribution of its rows); an accumulator that is
+complete (after the last hop, or on the last rank) is sent straight back to the chunk's owner. Each step's local
+backward uses the final merged (o, lse), so the partial gradients sum exactly.
+
+Load balance: causal contiguous chunks are imbalanced — rank r's queries see up to (r+1)·Tl keys
+of a long document while rank 0's see at most Tl. :func:`causal_work` counts the attended
+(query, key) pairs per rank of a plan (measured by ``scripts/bench_context.py``); balancing (e.g.
+zig-zag chunk order) would break the contiguity LASP+ relies on, so mmtrain keeps contiguous
+chunks and reports the imbalance.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from mmtrain.model.doc_attention import DocAttention, Segments
+from mmtrain.parallel.context import CPPlan, ContextParallel, plan_of
+
+__all__ = ["ContextSoftmaxOp", "ring_segments", "causal_work"]
+
+
+def diag_segments(plan: CPPlan) -> Segments:
+    key = ("diag",)
+    if key not in plan._cache:
+        plan._cache[key] = Segments.from_cu(plan.cu, plan.tokens)
+    return plan._cache[key]
+
+
+def ring_segments(plan: CPPlan, hop: int):
+    """The off-diagonal segments of hop ``hop`` (chunk r - hop) on this rank, or None."""
+    key = ("hop", hop)
+    if key not in plan._cache:
+        j = plan.rank - hop
+        qs, ks = [], []
+        if j >= 0:
+            Tl = plan.Tl
+            for b in range(plan.rows):
+                if plan.cont[b] and plan.first[b] > 0 and plan.doc_start[b] < (j + 1) * Tl:
+                    qs.append((b * Tl, b * Tl + plan.first[b]))
+                    ks.append((b * Tl + max(plan.doc_start[b] - j * Tl, 0), (b + 1) * Tl))
+        plan._cache[key] = (Segments(qs, ks, False, plan.tokens, plan.tokens) if qs else None)
+    return plan._cache[key]
+
+
+def causal_work(plan_for_rank) -> list:
+    """Attended (query, key) pairs per rank: ``plan_for_rank(r)`` gives rank r's plan."""
+    out = []
+    for r in range(plan_for_rank(0).cp):
+        p = plan_for_rank(r)
+        n = sum((b - a) * (b - a + 1) // 2 for a, b in diag_segments(p).q)
+        for h in range(1, p.ring_hops + 1):
+            s = ring_segments(p, h)
+            if s is not None:
+                n += sum((q1 - q0) * (k1 - k0) for (q0, q1), (k0, k1) in zip(s.q, s.k))
+        out.append(n)
+    return out
+
+
+class _Exchange:
+    """One hop of the ring: send ``tensors`` to r+1 (if it will use them), receive from r-1."""
+
+    def __init__(self, cpx: ContextParallel, tensors, send: bool, recv: bool, shift: int = 1):
+        r, C = cpx.rank, cpx.cp
+        ops = []
+        self.out = None
+        if recv:
+            self.out = [torch.empty_like(t) for t in tensors]
+            ops += [dist.P2POp(dist.irecv, t, cpx.ranks[(r - shift) % C], cpx.group)
+                    for t in self.out]
+        if send:
+            ops += [dist.P2POp(dist.isend, t.contiguous(), cpx.ranks[(r + shift) % C], cpx.group)
+                    for t in tensors]
+        self.reqs = dist.batch_isend_irecv(ops) if ops else []
+
+    def wait(self):
+        for q in self.reqs:
+            q.wait()
+        return self.out
+
+
+def _needs(plan: CPPlan, rank: int, hop: int) -> bool:
+    """Does ``rank`` hold a real chunk at ``hop`` (j = rank - hop ≥ 0; it uses it or passes it
+    on)? Wrapped-around chunks are never needed (causal), so the ring is a chain."""
+    return 0 <= rank - hop and rank < plan.cp
+
+
+def _merge(o_acc, lse_acc, o, lse):
+    new = torch.logaddexp(lse_acc, lse)
+    w_old = torch.exp(lse_acc - new)
+    w_new = torch.where(torch.isfinite(lse), torch.exp(lse - new), torch.zeros_like(lse))
+    return o_acc * w_old[..., None] + o.to(o_acc.dtype) * w_new[..., None], new
+
+
+class _Ring(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, attn, cpx, plan):
+        r, n, C = plan.rank, plan.ring_hops, plan.cp
+        # Hop h's K/V are in flight while the previous hop computes.
+        ex = (_Exchange(cpx, (k, v), send=r + 1 < C, recv=r >= 1)
+              if n > 0 else None)
+        o, lse = attn.forward(q, k, v, diag_segments(plan), scale)
+        acc = torch.promote_types(o.dtype, torch.float32)
+        o, lse = o.to(acc), lse.to(acc)
+        for h in range(1, n + 1):
+            held = ex.wait()
+            if held is None:
+                break  # r - h < 0: nothing reaches this rank any more, and it sends nothing
+            if h < n:  # pass this chunk on: r+1 uses it at hop h+1
+                ex = _Exchange(cpx, held, send=r + 1 < C, recv=r - (h + 1) >= 0)
+            segs = ring_segments(plan, h)
+            if segs is not None:
+                o_h, lse_h = attn.forward(q, held[0], held[1], segs, scale)
+                o, lse = _merge(o, lse, o_h, lse_h)
+        out = o.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.attn, ctx.cpx, ctx.plan = scale, attn, cpx, plan
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        plan, cpx, attn, scale = ctx.plan, ctx.cpx, ctx.attn, ctx.scale
+        r, n, C = plan.rank, plan.ring_hops, plan.cp
+        dq, dk, dv = attn.backward(q, k, v, o, lse, do, diag_segments(plan), scale)
+        acc = torch.promote_types(k.dtype, torch.float32)
+        dq = dq.to(acc)
+        held, grads, mine = (k, v), None, None
+        zeros = lambda: (torch.zeros(k.shape, dtype=acc, device=k.device),  # noqa: E731
+                         torch.zeros(v.shape, dtype=acc, device=v.device))
+        for h in range(1, n + 1):
+            send, recv = r + 1 < C and r + 1 - h >= 0, r - h >= 0
+            if send or recv:  # a rank that receives at hop h received at h-1: templates exist
+                got = _Exchange(cpx, tuple(held) + tuple(grads or ()), send, recv).wait()
+            if recv:
+                held = tuple(got[:2])
+                grads = tuple(got[2:]) if len(got) > 2 else zeros()
+                segs = ring_segments(plan, h)
+                if segs is not None:
+                    gq, gk, gv = attn.backward(q, held[0], held[1], o, lse, do, segs, scale)
+                    dq = dq + gq.to(acc)
+                    grads = (grads[0] + gk.to(acc), grads[1] + gv.to(acc))
+            # The accumulator of chunk r-h is complete at its last hop (h = n) or when it cannot
+            # travel further (r = C-1): it goes straight home to rank r-h.
+            home_send = recv and (h == n or r == C - 1)
+            home_recv = (h < n and r + h == C - 1) or (h == n and r + n <= C - 1)
+            if home_send or home_recv:
+                got = _Exchange(cpx, grads if home_send else zeros(), home_send, home_recv,
+                                shift=-h).wait()
+                if home_recv:
+                    mine = got
+        if mine is not None:
+            dk = (dk.to(acc) + mine[0]).to(k.dtype)
+            dv = (dv.to(acc) + mine[1]).to(v.dtype)
+        return dq.to(q.dtype), dk, dv, None, None, None, None
+
+
+class ContextSoftmaxOp:
+    """The softmax seam under CP: Varlen Ring Attention around the local :class:`DocAttention`."""
+
+    def __init__(self, cpx: ContextParallel, attn: DocAttention | None = None):
+        self.cpx = cpx
+        self.attn = attn or DocAttention()
+
+    def __call__(self, q_THK, k_TGK, v_TGK, cu_seqlens, scale: float):
+        plan = plan_of(cu_seqlens)
+        return _Ring.apply(q_THK, k_TGK, v_TGK, scale, self.attn, self.cpx, plan)
