@@ -49,9 +49,22 @@ import torch.distributed as dist
 from mmtrain.data.batch import Batch
 
 __all__ = ["CPPlan", "make_plan", "shard_batch", "ContextParallel", "ContextLightningOp",
-           "LIGHTNING_MODES"]
+           "LIGHTNING_MODES", "layout_summary"]
 
 LIGHTNING_MODES = ("laspplus", "lasp")
+
+
+def layout_summary(pcfg, seq_len: int, dp=None) -> str:
+    """One line: the dense layout and, under CP, how rows are split and which algorithms run."""
+    d = pcfg.dp if dp is None else dp
+    line = (f"layout dp{d if d != -1 else '(derived)'} × cp{pcfg.cp} × tp{pcfg.tp}"
+            f"{' (sp)' if pcfg.tp > 1 else ''}{', zero1' if pcfg.zero1 else ''}")
+    if pcfg.cp > 1:
+        name = {"laspplus": "LASP+", "lasp": "LASP"}.get(pcfg.cp_lightning, pcfg.cp_lightning)
+        line += (f"; context parallel: each of {pcfg.cp} ranks holds {seq_len // pcfg.cp} "
+                 f"contiguous tokens of every {seq_len}-token row; lightning {name}, softmax "
+                 f"varlen ring attention")
+    return line
 
 
 # ----------------------------------------------------------------------------------- the plan

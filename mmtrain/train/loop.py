@@ -9,7 +9,9 @@ Gradients are summed across data-parallel ranks.
 Everything distributed goes through the :class:`mmtrain.parallel.apply.Parallel` handle that
 ``parallelize`` returns (TP/SP sharding, vocab-parallel loss, bucketed gradient reduction over
 DP/EDP, ZeRO-1, global-norm clipping, full-tensor checkpoints); in a single process it is plain
-PyTorch. TP ranks of one DP rank see the same data and compute the same loss.
+PyTorch. TP ranks of one DP rank see the same data and compute the same loss; CP ranks of one DP
+rank read the same rows and each keeps its contiguous piece of every row (``par.shard_batch``), so
+token counts and LM-loss sums are reduced over DP×CP.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.distributed as dist
 
 from mmtrain.config import Config, ConfigError
 from mmtrain.parallel.apply import check_layout
+from mmtrain.parallel.context import layout_summary
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train.metrics import MetricsLogger, peak_flops
 from mmtrain.train.optim import lr_at, set_lr
@@ -169,16 +172,17 @@ def train(cfg: Config) -> TrainResult:
                           f"do (raise train.max_steps to train on)"
                           if start_step >= tcfg.max_steps else ""))
     logger.message(f"model: {acct.params_total / 1e6:.2f}M params "
-                   f"({acct.params_active / 1e6:.2f}M active), {world} process(es) on {device}")
+                   f"({acct.params_active / 1e6:.2f}M active), {world} process(es) on {device}; "
+                   + layout_summary(cfg.parallel, cfg.data.seq_len, topology.dp))
     result = TrainResult(run_dir=str(run_dir), final_step=start_step)
 
     with GracefulStop(announce=rank == 0) as stopper:
         try:
             for step in range(start_step, tcfg.max_steps):
                 t0 = time.time()
-                micro = [b.to(device) for b in loader.next_step()]
+                micro = [par.shard_batch(b, device) for b in loader.next_step()]  # CP: a piece
                 n_tok = torch.tensor([float(sum(b.loss_mask.sum().item() for b in micro))])
-                n_tok = max(par.all_reduce(n_tok, "dp").item(), 1.0)
+                n_tok = max(par.all_reduce(n_tok, "dp_cp").item(), 1.0)
                 n_micro_global = len(micro) * dp
                 lm_sum = torch.zeros((), dtype=torch.float64)
                 aux_sum = torch.zeros((), dtype=torch.float64)
@@ -197,8 +201,10 @@ def train(cfg: Config) -> TrainResult:
                         st = layer.moe.last_stats
                         drops[:2] += torch.tensor([st["dropped"], st["slots"]], dtype=torch.float64)
                 drops[2] = float(stopper.requested)
-                stats = par.all_reduce(torch.cat([lm_sum.view(1), aux_sum.view(1)]), "dp")
-                drops = par.all_reduce(drops, "tp_dp")  # each TP rank routed its own tokens
+                # CP ranks hold pieces of the LM loss but the same (TP×CP-wide) aux value
+                stats = par.all_reduce(torch.cat([lm_sum.view(1), aux_sum.view(1) / par.cp]),
+                                       "dp_cp")
+                drops = par.all_reduce(drops, "tp_dp_cp")  # each rank routed its own tokens
                 stop = drops[2].item() > 0  # any rank signalled: all stop after this step
                 par.reduce_grads()
                 grad_norm = par.clip_grad_norm(tcfg.grad_clip)
