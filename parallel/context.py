@@ -211,12 +211,6 @@ def _state_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _row_decay(slopes, n: int, dtype, device):
-    """λ^(i+1) for i < n: [n, H, 1]."""
-    i = torch.arange(1, n + 1, device=device, dtype=dtype)
-    return torch.exp(-slopes.to(device=device, dtype=dtype)[None, :] * i[:, None])[..., None]
-
-
 def _chain_coef(plan: CPPlan, slopes, dtype, device, transpose: bool):
     """[C, B, H]: forward (``transpose=False``) the weights of every rank's KV_j in this rank's
     KV_in; backward the weights of every rank's dKV_in(r') in this rank's dKV."""
@@ -238,6 +232,65 @@ def _chain_coef(plan: CPPlan, slopes, dtype, device, transpose: bool):
     return plan._cache[key]
 
 
+_CHUNK = 32768  # rows per correction GEMM (bounds the fp32 temporaries: 1 GiB at H=64, d=128)
+
+
+class _TF32:
+    """TF32 matmuls for half-precision inputs: their products are exact in TF32 (bf16/fp16
+    mantissas fit), accumulation stays fp32 — the kernel's own arithmetic, at tensor-core speed."""
+
+    def __init__(self, on: bool):
+        self.on = on and torch.cuda.is_available()
+
+    def __enter__(self):
+        if self.on:
+            self.prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        if self.on:
+            torch.backends.cuda.matmul.allow_tf32 = self.prev
+
+
+def _pieces(a: int, n: int):
+    for c in range(0, n, _CHUNK):
+        yield a + c, c, min(_CHUNK, n - c)
+
+
+def _correct_output(o, q, slopes, S, a: int, n: int, sd) -> None:
+    """In place: ``o[a+i] += λ^(i+1) q[a+i] S`` for i < n (S [H, K, V])."""
+    with _TF32(q.dtype in (torch.bfloat16, torch.float16)):
+        for s, c, m in _pieces(a, n):
+            dec = torch.exp(-slopes.to(sd)[:, None] * torch.arange(c + 1, c + m + 1, device=q.device,
+                                                                  dtype=sd)[None, :])[..., None]
+            qd = q[s:s + m].to(sd).transpose(0, 1) * dec  # [H, m, K]
+            o[s:s + m] = (o[s:s + m].to(sd) + torch.matmul(qd, S).transpose(0, 1)).to(o.dtype)
+
+
+def _state_grad(q, do, slopes, a: int, n: int, sd):
+    """``Σ_{i<n} λ^(i+1) q[a+i]ᵀ do[a+i]`` -> [H, K, V]."""
+    out = None
+    with _TF32(q.dtype in (torch.bfloat16, torch.float16)):
+        for s, c, m in _pieces(a, n):
+            dec = torch.exp(-slopes.to(sd)[:, None] * torch.arange(c + 1, c + m + 1, device=q.device,
+                                                                  dtype=sd)[None, :])[..., None]
+            qd = q[s:s + m].to(sd).transpose(0, 1) * dec  # [H, m, K]
+            part = torch.matmul(qd.transpose(1, 2), do[s:s + m].to(sd).transpose(0, 1))
+            out = part if out is None else out + part
+    return out
+
+
+def _correct_dq(dq, do, slopes, S, a: int, n: int, sd) -> None:
+    """In place: ``dq[a+i] += λ^(i+1) S do[a+i]`` for i < n."""
+    St = S.transpose(1, 2)  # [H, V, K]
+    with _TF32(do.dtype in (torch.bfloat16, torch.float16)):
+        for s, c, m in _pieces(a, n):
+            dec = torch.exp(-slopes.to(sd)[:, None] * torch.arange(c + 1, c + m + 1, device=do.device,
+                                                                  dtype=sd)[None, :])[..., None]
+            extra = torch.matmul(do[s:s + m].to(sd).transpose(0, 1), St) * dec  # [H, m, K]
+            dq[s:s + m] = (dq[s:s + m].to(sd) + extra.transpose(0, 1)).to(dq.dtype)
+
+
 def _corrected_rows(plan: CPPlan):
     return [(b, b * plan.Tl, plan.first[b]) for b in range(plan.rows)
             if plan.cont[b] and plan.first[b] > 0]
@@ -256,11 +309,9 @@ class _LaspPlus(torch.autograd.Function):
         kv_all = cpx.all_gather(kv)  # [C, B, H, K, V]
         coef = _chain_coef(plan, slopes, sd, q.device, transpose=False)  # [C, B, H]
         kv_in = (coef[..., None, None] * kv_all).sum(0)  # [B, H, K, V]
-        o = o_loc.detach()
+        o = o_loc.detach()  # corrected in place (the local op's graph does not save its output)
         for b, a, n in _corrected_rows(plan):
-            qd = q[0, a:a + n].to(sd) * _row_decay(slopes, n, sd, q.device)
-            o[0, a:a + n] = (o[0, a:a + n].to(sd)
-                             + torch.einsum("lhk,hkv->lhv", qd, kv_in[b])).to(o.dtype)
+            _correct_output(o[0], q[0], slopes, kv_in[b], a, n, sd)
         ctx.graph = (q_, k_, v_, o_loc, finals)
         ctx.kv_in, ctx.slopes, ctx.cpx, ctx.plan = kv_in, slopes, cpx, plan
         return o
@@ -273,8 +324,7 @@ class _LaspPlus(torch.autograd.Function):
         dkv_in = torch.zeros_like(kv_in)
         rows = _corrected_rows(plan)
         for b, a, n in rows:
-            qd = q_[0, a:a + n].detach().to(sd) * _row_decay(slopes, n, sd, do.device)
-            dkv_in[b] = torch.einsum("lhk,lhv->hkv", qd, do[0, a:a + n].to(sd))
+            dkv_in[b] = _state_grad(q_.detach()[0], do[0], slopes, a, n, sd)
         d_all = cpx.all_gather(dkv_in)  # [C, B, H, K, V]
         coef = _chain_coef(plan, slopes, sd, do.device, transpose=True)
         dkv = (coef[..., None, None] * d_all).sum(0)  # [B, H, K, V]
@@ -282,9 +332,7 @@ class _LaspPlus(torch.autograd.Function):
         dfinal[plan.last_seg] = dkv.to(dfinal.dtype)
         dq, dk, dv = torch.autograd.grad((o_loc, finals), (q_, k_, v_), (do, dfinal))
         for b, a, n in rows:
-            dec = _row_decay(slopes, n, sd, do.device)
-            extra = torch.einsum("lhv,hkv->lhk", do[0, a:a + n].to(sd), kv_in[b]) * dec
-            dq[0, a:a + n] = (dq[0, a:a + n].to(sd) + extra).to(dq.dtype)
+            _correct_dq(dq[0], do[0], slopes, kv_in[b], a, n, sd)
         ctx.graph = None
         return dq, dk, dv, None, None, None, None, None
 

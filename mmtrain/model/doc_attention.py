@@ -230,7 +230,7 @@ def _flex_fn():
     if "fn" not in _COMPILED:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _COMPILED["fn"] = torch.compile(flex_attention, dynamic=False)
+        _COMPILED["fn"] = torch.compile(flex_attention)  # shapes: static first, then dynamic
         log.info("softmax attention: FlexAttention (compiled) with document block masks")
     return _COMPILED["fn"]
 

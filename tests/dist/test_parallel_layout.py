@@ -22,7 +22,8 @@ TINY = ["model.hidden_size=32", "model.num_heads=2", "model.num_kv_heads=1",
     (["parallel.tp=2", "parallel.sequence_parallel=false"], 2, "parallel.sequence_parallel"),
     (["parallel.ep=2"], 2, "parallel.ep"),
     (["parallel.etp=2"], 2, "parallel.etp"),
-    (["parallel.cp=2"], 2, "parallel.cp"),
+    (["parallel.cp=3"], 3, "data.seq_len"),  # 32 tokens per row do not split over 3
+    (["parallel.cp=2", "parallel.tp=2", "data.seq_len=34"], 4, "data.seq_len"),  # 17 over tp 2
     (["parallel.pp=2"], 2, "parallel.pp"),
     (["parallel.tp=2", "parallel.dp=2"], 2, "parallel.dp"),
     (["parallel.tp=4", "model.num_heads=4", "model.num_kv_heads=1"], 4, "model.vocab_size"),
@@ -36,9 +37,26 @@ def test_unsupported_layouts_fail_naming_the_field(overrides, world, field):
         check_layout(cfg, world)
 
 
+def test_unknown_cp_lightning_fails_naming_the_field():
+    with pytest.raises(ConfigError, match="^parallel.cp_lightning: unknown 'ring'; use laspplus"):
+        load_config(TINY + ["parallel.cp=2", "parallel.cp_lightning=ring"])
+
+
 def test_supported_layout_gives_topology():
     topo = check_layout(load_config(TINY + ["parallel.tp=2", "parallel.dp=2"]), 4)
     assert (topo.tp, topo.dp, topo.edp) == (2, 2, 4)
+
+
+def test_cp_layout_groups():
+    """cp=2 × tp=2 × dp=2: dense grads reduce over DP×CP (TP-split) or TP×DP×CP (replicated);
+    with ep = etp = 1 the experts' EDP group spans every rank (DP×CP×TP)."""
+    cfg = load_config(TINY + ["parallel.tp=2", "parallel.cp=2"])
+    topo = check_layout(cfg, 8)
+    assert (topo.tp, topo.cp, topo.dp, topo.edp) == (2, 2, 2, 8)
+    assert topo.groups("edp") == [list(range(8))]
+    assert topo.groups("cp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert topo.groups("dp_cp") == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert topo.groups("tp_dp_cp") == [list(range(8))]
 
 
 # ------------------------------------------------------------------------- TP building blocks
