@@ -342,11 +342,17 @@ class DocSoftmaxOp:
     def __call__(self, q_THK, k_TGK, v_TGK, cu_seqlens, scale: float):
         T = q_THK.shape[0]
         if self.attn._use_flex(q_THK):
-            cu = cu_seqlens.to(device=q_THK.device, dtype=torch.int64)
-            pos = torch.arange(T, device=q_THK.device)
-            doc = (torch.searchsorted(cu, pos, right=True) - 1).to(torch.int32)
-            bm = doc_block_mask(doc, doc, cu[:-1].to(torch.int32), cu[1:].to(torch.int32),
-                                True, T, T)
+            key = (T, str(q_THK.device))
+            cached = getattr(cu_seqlens, "_doc_block_mask", None)  # one mask for every layer
+            if cached is not None and cached[0] == key:
+                bm = cached[1]
+            else:
+                cu = cu_seqlens.to(device=q_THK.device, dtype=torch.int64)
+                pos = torch.arange(T, device=q_THK.device)
+                doc = (torch.searchsorted(cu, pos, right=True) - 1).to(torch.int32)
+                bm = doc_block_mask(doc, doc, cu[:-1].to(torch.int32), cu[1:].to(torch.int32),
+                                    True, T, T)
+                cu_seqlens._doc_block_mask = (key, bm)
             from torch.nn.attention.flex_attention import flex_attention
 
             fn = _flex_fn() if self.attn.impl != "flex_eager" else flex_attention

@@ -114,31 +114,47 @@ def reference(corpus, tmp_path_factory):
             "state": _checkpoint_tensors(ovr, run / "checkpoints" / f"step_{STEPS:08d}")}
 
 
+@pytest.fixture(scope="module")
+def cp2_run(reference, tmp_path_factory):
+    """parallel.cp=2 (LASP+) for STEPS steps; its start-up output and run directory."""
+    run = tmp_path_factory.mktemp("cp2") / "run"
+    out = _torchrun(2, reference["ovr"] + ["parallel.cp=2", f"train.max_steps={STEPS}"], run)
+    return out, run
+
+
+def _assert_matches_reference(reference, run, out, cp):
+    assert f"cp{cp}" in out.stdout and "context parallel" in out.stdout  # the start-up line
+    _assert_close_losses(_losses(run), reference["losses"][:STEPS])
+    final = ckpt.latest(run)
+    assert final.name == f"step_{STEPS:08d}"
+    _assert_same_state(_checkpoint_tensors(reference["ovr"], final), reference["state"])
+
+
+def test_cp2_matches_single_process(reference, cp2_run):
+    out, run = cp2_run
+    _assert_matches_reference(reference, run, out, 2)
+
+
+# LASP+ and LASP both: each layout runs one of them (the op tests run both at cp=2 and cp=4).
 @pytest.mark.parametrize("nproc,args", [
-    (2, ["parallel.cp=2"]),
-    (2, ["parallel.cp=2", "parallel.cp_lightning=lasp"]),
-    (4, ["parallel.cp=4"]),
     (4, ["parallel.cp=4", "parallel.cp_lightning=lasp"]),
     (4, ["parallel.cp=2", "parallel.tp=2"]),
     (4, ["parallel.cp=2", "parallel.dp=2", "parallel.zero1=true", "parallel.cp_lightning=lasp"]),
-], ids=["cp2", "cp2_lasp", "cp4", "cp4_lasp", "cp2_tp2", "cp2_dp2_zero1_lasp"])
+], ids=["cp4_lasp", "cp2_tp2", "cp2_dp2_zero1_lasp"])
 def test_cp_layout_matches_single_process(reference, tmp_path, nproc, args):
     run = tmp_path / "run"
     out = _torchrun(nproc, reference["ovr"] + args + [f"train.max_steps={STEPS}"], run)
     cp = int(next(a for a in args if a.startswith("parallel.cp=")).split("=")[1])
-    assert f"cp{cp}" in out.stdout and "context parallel" in out.stdout  # the start-up line
-    _assert_close_losses(_losses(run), reference["losses"][:STEPS])
-    _assert_same_state(_checkpoint_tensors(reference["ovr"], ckpt.latest(run)),
-                       reference["state"])
+    _assert_matches_reference(reference, run, out, cp)
 
 
-def test_checkpoint_reshards_between_cp2_and_one_process(reference, tmp_path):
-    """A cp=2 checkpoint resumes in one process, and a one-process checkpoint under cp=2; the
+def test_checkpoint_reshards_between_cp2_and_one_process(reference, cp2_run, tmp_path):
+    """The cp=2 checkpoint resumes in one process, and a one-process checkpoint under cp=2; the
     next steps' losses are the uninterrupted run's."""
     ovr = reference["ovr"]
-    cp2 = tmp_path / "cp2"
-    _torchrun(2, ovr + ["parallel.cp=2", f"train.max_steps={STEPS}"], cp2)
-    res = train(load_config(ovr + [f"train.max_steps={REF_STEPS}", f"run.dir={cp2}"]))
+    one = tmp_path / "one"
+    shutil.copytree(cp2_run[1], one)
+    res = train(load_config(ovr + [f"train.max_steps={REF_STEPS}", f"run.dir={one}"]))
     assert [s for s, _ in res.losses] == list(range(STEPS + 1, REF_STEPS + 1))
     _assert_close_losses([l for _, l in res.losses], reference["losses"][STEPS:])
 
