@@ -22,11 +22,14 @@ travels with its chunk (every rank adds the contribution of its rows); an accumu
 complete (after the last hop, or on the last rank) is sent straight back to the chunk's owner. Each step's local
 backward uses the final merged (o, lse), so the partial gradients sum exactly.
 
-Load balance: causal contiguous chunks are imbalanced — rank r's queries see up to (r+1)·Tl keys
-of a long document while rank 0's see at most Tl. :func:`causal_work` counts the attended
-(query, key) pairs per rank of a plan (measured by ``scripts/bench_context.py``); balancing (e.g.
-zig-zag chunk order) would break the contiguity LASP+ relies on, so mmtrain keeps contiguous
-chunks and reports the imbalance.
+Load balance: causal contiguous chunks are imbalanced. For one document spanning all C ranks,
+rank r attends ``Tl(Tl+1)/2 + r·Tl²`` (query, key) pairs, so the last rank does about 2C-1 times
+the first rank's work (3× at C=2); documents that never cross an edge cost the same on every
+rank. :func:`causal_work` counts the pairs per rank of a batch (``scripts/bench_context.py``
+reports it next to each rank's measured time). Balancing (e.g. a zig-zag chunk order) would
+break the contiguity LASP+ relies on (both layer kinds must see the same partition of the
+hidden states), so mmtrain keeps contiguous chunks and reports the imbalance; for packed
+batches of documents much shorter than ``Tl`` the imbalance is small.
 """
 
 from __future__ import annotations
@@ -91,11 +94,13 @@ class _Exchange:
         if send:
             ops += [dist.P2POp(dist.isend, t.contiguous(), cpx.ranks[(r + shift) % C], cpx.group)
                     for t in tensors]
+        self.ops = ops  # keeps the (contiguous copies of the) sent tensors alive until wait
         self.reqs = dist.batch_isend_irecv(ops) if ops else []
 
     def wait(self):
         for q in self.reqs:
             q.wait()
+        self.ops = None
         return self.out
 
 

@@ -124,3 +124,16 @@ def test_plan_of_a_batch():
     m = make_plan(CU, ROWS, T, 4, 3).chain_mask()  # receiver 3: row 1 chains to rank 0
     assert m[3, :, 1].tolist() == [True, True, True, False]
     assert m[3, :, 0].tolist() == [False, False, True, False]  # row 0: rank 2 holds a start
+
+
+def test_causal_work_shows_the_contiguous_chunk_imbalance():
+    """One document over 2 ranks of Tl tokens: rank 0 attends Tl(Tl+1)/2 pairs, rank 1 that plus
+    Tl² (its rows see all of rank 0's) — about 3× rank 0's work; packed short documents that
+    never cross the edge are balanced."""
+    from mmtrain.parallel.context import make_plan
+    from mmtrain.parallel.ring import causal_work
+
+    Tl = 8
+    assert causal_work(lambda r: make_plan([0, 2 * Tl], 1, 2 * Tl, 2, r)) == \
+        [Tl * (Tl + 1) // 2, Tl * (Tl + 1) // 2 + Tl * Tl]
+    assert causal_work(lambda r: make_plan([0, 4, 8, 12, 16], 1, 16, 2, r)) == [20, 20]
