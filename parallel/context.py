@@ -18,19 +18,23 @@ on an earlier rank (``cont``), how many local rows precede the first local docum
 (``first``), where that document began (``doc_start``, row coordinate) and, for every rank j,
 whether rank j's piece contains a document start (``has_start[j][b]``).
 
-**LASP+** (:class:`_LaspPlus`, exactly SPEC §6). Forward: (1) the local op with zero initial
-state gives the local output and the final state of every local piece; KV_r[b] is the state of
-the last piece of row b. (2) One all-gather of the fp32 states ``[C, B, H, K, V]``. (3)
-``KV_in(r)[b] = Σ_{s ≤ j < r} λ^((r-1-j)·Tl) KV_j[b]`` with s the nearest earlier rank whose
-piece of row b contains a document start (included; the chain resets there). (4) For rows
-before the first local document start only, ``o_i += λ^(i+1) q_i·KV_in`` — exact, since the op
-is linear in its initial state (``o(S) = o(0) + diag(λ^(i+1)) Q S``), and cheaper than running
-the local op a second time with ``initial_state = KV_in`` (one small GEMM on those rows instead of
-re-reading their K/V; and the local op does not wait for the collective). Backward, mirrored:
-``dKV_in(r)[b] = Σ_{i<first} λ^(i+1) q_iᵀ dO_i``, one all-gather of those ``[C, B, H, K, V]``,
-the decayed suffix ``dKV_r[b] = Σ_{r' > r, no start in ranks r+1..r'-1} λ^((r'-1-r)·Tl)
-dKV_in(r')[b]`` fed to the local backward as the gradient of the local final state, and
-``dq_i += λ^(i+1) KV_in dO_i`` on the corrected rows. Autograd never runs through a collective.
+**LASP+** (:class:`_LaspPlus`, SPEC §6). Forward: (1) KV_r[b], the local state of the last
+piece of row b from a zero start (``Σ_j λ^(L-1-j) k_jᵀ v_j``, a GEMM over that piece's rows);
+(2) one all-gather of the fp32 states ``[C, B, H, K, V]`` (size independent of the sequence
+length); (3) ``KV_in(r)[b] = Σ_{s ≤ j < r} λ^((r-1-j)·Tl) KV_j[b]`` with s the nearest earlier
+rank whose piece of row b contains a document start (included; the chain resets there); (4) the
+local output with the correction ``diag(λ^(i+1)) Q KV_in`` on the rows before the first local
+document start only. Step 4 is *fused*: the local op runs once with ``KV_in`` as the initial
+state of the piece's first segment (zero elsewhere), which is exactly the zero-state output plus
+that correction (the op is linear in its initial state) — computed in the kernel's inter-block
+product instead of extra passes over q and o. The price is step 1 as a separate GEMM before the
+op (a separate pass over the last piece's k and v) and that the tiny all-gather no longer
+overlaps the local op. Backward, mirrored: ``dKV_in(r)[b] = Σ_{i<first} λ^(i+1) q_iᵀ dO_i`` (a
+GEMM over the corrected rows), one all-gather of those, the decayed suffix
+``dKV_r[b] = Σ_{r' > r, no start in ranks r+1..r'-1} λ^((r'-1-r)·Tl) dKV_in(r')[b]`` fed to the
+local backward as the gradient of its final state (it gives dk, dv of KV_r), while the initial
+state gives dq its ``λ^(i+1) KV_in dO_i`` term inside the kernel. Autograd never runs through a
+collective.
 
 **LASP** (:class:`_Lasp`, the baseline): rank r receives the true state at the end of rank r-1's
 pieces, runs the local op with it as the initial state of its first piece of every row that
@@ -232,24 +236,7 @@ def _chain_coef(plan: CPPlan, slopes, dtype, device, transpose: bool):
     return plan._cache[key]
 
 
-_CHUNK = 32768  # rows per correction GEMM (bounds the fp32 temporaries: 1 GiB at H=64, d=128)
-
-
-class _TF32:
-    """TF32 matmuls for half-precision inputs: their products are exact in TF32 (bf16/fp16
-    mantissas fit), accumulation stays fp32 — the kernel's own arithmetic, at tensor-core speed."""
-
-    def __init__(self, on: bool):
-        self.on = on and torch.cuda.is_available()
-
-    def __enter__(self):
-        if self.on:
-            self.prev = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = True
-
-    def __exit__(self, *exc):
-        if self.on:
-            torch.backends.cuda.matmul.allow_tf32 = self.prev
+_CHUNK = 32768  # rows per state GEMM (bounds the temporaries)
 
 
 def _pieces(a: int, n: int):
@@ -257,38 +244,23 @@ def _pieces(a: int, n: int):
         yield a + c, c, min(_CHUNK, n - c)
 
 
-def _correct_output(o, q, slopes, S, a: int, n: int, sd) -> None:
-    """In place: ``o[a+i] += λ^(i+1) q[a+i] S`` for i < n (S [H, K, V])."""
-    with _TF32(q.dtype in (torch.bfloat16, torch.float16)):
-        for s, c, m in _pieces(a, n):
-            dec = torch.exp(-slopes.to(sd)[:, None] * torch.arange(c + 1, c + m + 1, device=q.device,
-                                                                  dtype=sd)[None, :])[..., None]
-            qd = q[s:s + m].to(sd).transpose(0, 1) * dec  # [H, m, K]
-            o[s:s + m] = (o[s:s + m].to(sd) + torch.matmul(qd, S).transpose(0, 1)).to(o.dtype)
-
-
-def _state_grad(q, do, slopes, a: int, n: int, sd):
-    """``Σ_{i<n} λ^(i+1) q[a+i]ᵀ do[a+i]`` -> [H, K, V]."""
+def _decayed_gram(x, y, slopes, a: int, n: int, sd, reverse: bool):
+    """``Σ_{i<n} w_i x[a+i]ᵀ y[a+i]`` -> [H, K, V] in ``sd``, per head, with ``w_i = λ^(n-1-i)``
+    (``reverse=False``: the state of rows [a, a+n) from zero) or ``λ^(i+1)`` (``reverse=True``:
+    the gradient of the state entering those rows). Half inputs multiply in their own dtype
+    with fp32 accumulation — the kernel's arithmetic — and each chunk's sum is added in fp32."""
     out = None
-    with _TF32(q.dtype in (torch.bfloat16, torch.float16)):
-        for s, c, m in _pieces(a, n):
-            dec = torch.exp(-slopes.to(sd)[:, None] * torch.arange(c + 1, c + m + 1, device=q.device,
-                                                                  dtype=sd)[None, :])[..., None]
-            qd = q[s:s + m].to(sd).transpose(0, 1) * dec  # [H, m, K]
-            part = torch.matmul(qd.transpose(1, 2), do[s:s + m].to(sd).transpose(0, 1))
-            out = part if out is None else out + part
+    lowp = x.dtype in (torch.bfloat16, torch.float16)
+    for st, c, m in _pieces(a, n):
+        i = torch.arange(c, c + m, device=x.device, dtype=sd)
+        e = (i + 1) if reverse else (n - 1 - i)
+        w = torch.exp(-slopes.to(device=x.device, dtype=sd)[:, None] * e[None, :])[..., None]
+        xs = x[st:st + m].transpose(0, 1)  # [H, m, K]
+        xw = xs * w.to(x.dtype) if lowp else xs.to(sd) * w
+        ys = y[st:st + m].transpose(0, 1)
+        part = torch.matmul(xw.transpose(1, 2), ys if lowp else ys.to(sd)).to(sd)
+        out = part if out is None else out + part
     return out
-
-
-def _correct_dq(dq, do, slopes, S, a: int, n: int, sd) -> None:
-    """In place: ``dq[a+i] += λ^(i+1) S do[a+i]`` for i < n."""
-    St = S.transpose(1, 2)  # [H, V, K]
-    with _TF32(do.dtype in (torch.bfloat16, torch.float16)):
-        for s, c, m in _pieces(a, n):
-            dec = torch.exp(-slopes.to(sd)[:, None] * torch.arange(c + 1, c + m + 1, device=do.device,
-                                                                  dtype=sd)[None, :])[..., None]
-            extra = torch.matmul(do[s:s + m].to(sd).transpose(0, 1), St) * dec  # [H, m, K]
-            dq[s:s + m] = (dq[s:s + m].to(sd) + extra.transpose(0, 1)).to(dq.dtype)
 
 
 def _corrected_rows(plan: CPPlan):
@@ -302,37 +274,44 @@ class _LaspPlus(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, slopes, cu, local, cpx, plan):
         sd = _state_dtype(q)
-        with torch.enable_grad():
-            q_, k_, v_ = (x.detach().requires_grad_() for x in (q, k, v))
-            o_loc, finals = local(q_, k_, v_, slopes, cu, None, True)
-        kv = finals.detach()[plan.last_seg].to(sd)  # [B, H, K, V]
+        B, H, K, V = plan.rows, q.shape[2], q.shape[3], v.shape[3]
+        kv = torch.zeros(B, H, K, V, dtype=sd, device=q.device)  # KV_r: last pieces, from zero
+        for b in range(B):
+            a0 = plan.cu[plan.last_seg[b]]
+            kv[b] = _decayed_gram(k[0], v[0], slopes, a0, plan.cu[plan.last_seg[b] + 1] - a0, sd,
+                                  reverse=False)
         kv_all = cpx.all_gather(kv)  # [C, B, H, K, V]
         coef = _chain_coef(plan, slopes, sd, q.device, transpose=False)  # [C, B, H]
         kv_in = (coef[..., None, None] * kv_all).sum(0)  # [B, H, K, V]
-        o = o_loc.detach()  # corrected in place (the local op's graph does not save its output)
-        for b, a, n in _corrected_rows(plan):
-            _correct_output(o[0], q[0], slopes, kv_in[b], a, n, sd)
-        ctx.graph = (q_, k_, v_, o_loc, finals)
-        ctx.kv_in, ctx.slopes, ctx.cpx, ctx.plan = kv_in, slopes, cpx, plan
-        return o
+        rows = _corrected_rows(plan)
+        init = None
+        if rows:  # the correction diag(λ^(i+1)) Q KV_in, fused: KV_in as the initial state
+            init = torch.zeros(len(plan.cu) - 1, H, K, V, dtype=sd, device=q.device)
+            for b, _, _ in rows:
+                init[plan.first_seg[b]] = kv_in[b]
+        with torch.enable_grad():
+            q_, k_, v_ = (x.detach().requires_grad_() for x in (q, k, v))
+            o, finals = local(q_, k_, v_, slopes, cu, init, True)
+        ctx.graph = (q_, k_, v_, o, finals)
+        ctx.slopes, ctx.cpx, ctx.plan, ctx.sd = slopes, cpx, plan, sd
+        return o.detach()
 
     @staticmethod
     def backward(ctx, do):
-        q_, k_, v_, o_loc, finals = ctx.graph
-        plan, slopes, cpx, kv_in = ctx.plan, ctx.slopes, ctx.cpx, ctx.kv_in
-        sd = kv_in.dtype
-        dkv_in = torch.zeros_like(kv_in)
-        rows = _corrected_rows(plan)
-        for b, a, n in rows:
-            dkv_in[b] = _state_grad(q_.detach()[0], do[0], slopes, a, n, sd)
+        q_, k_, v_, o, finals = ctx.graph
+        plan, slopes, cpx, sd = ctx.plan, ctx.slopes, ctx.cpx, ctx.sd
+        B, H, K, V = plan.rows, q_.shape[2], q_.shape[3], v_.shape[3]
+        dkv_in = torch.zeros(B, H, K, V, dtype=sd, device=do.device)
+        for b, a, n in _corrected_rows(plan):
+            dkv_in[b] = _decayed_gram(q_.detach()[0], do[0], slopes, a, n, sd, reverse=True)
         d_all = cpx.all_gather(dkv_in)  # [C, B, H, K, V]
         coef = _chain_coef(plan, slopes, sd, do.device, transpose=True)
-        dkv = (coef[..., None, None] * d_all).sum(0)  # [B, H, K, V]
+        dkv = (coef[..., None, None] * d_all).sum(0)  # dKV_r [B, H, K, V]
         dfinal = torch.zeros_like(finals)
         dfinal[plan.last_seg] = dkv.to(dfinal.dtype)
-        dq, dk, dv = torch.autograd.grad((o_loc, finals), (q_, k_, v_), (do, dfinal))
-        for b, a, n in rows:
-            _correct_dq(dq[0], do[0], slopes, kv_in[b], a, n, sd)
+        # The local backward: dq includes λ^(i+1) KV_in dO (the initial state), dk and dv the
+        # gradient of KV_r (the final state's dependence on k, v does not involve KV_in).
+        dq, dk, dv = torch.autograd.grad((o, finals), (q_, k_, v_), (do, dfinal))
         ctx.graph = None
         return dq, dk, dv, None, None, None, None, None
 
