@@ -17,9 +17,10 @@ same on every rank); a batch whose documents never cross a rank edge runs no hop
 results merge by log-sum-exp (fp32). The K/V of hop h+1 are in flight (``batch_isend_irecv``)
 while hop h computes; a rank sends only chunks its successor will use.
 
-Backward: the diagonal gradients stay local; K/V go round again with a dK/dV accumulator that
-travels with its chunk (every rank adds the contribution of its rows); an accumulator that is
-complete (after the last hop, or on the last rank) is sent straight back to the chunk's owner. Each step's local
+Backward: the diagonal gradients stay local; K/V go round again (prefetched one hop ahead, like
+the forward) and a dK/dV accumulator follows its chunk (every rank adds the contribution of its
+rows); an accumulator that is complete (after the last hop, or on the last rank) is sent straight
+back to the chunk's owner. Each step's local
 backward uses the final merged (o, lse), so the partial gradients sum exactly.
 
 Load balance: causal contiguous chunks are imbalanced. For one document spanning all C ranks,
@@ -104,6 +105,17 @@ class _Exchange:
         return self.out
 
 
+def _p2p(cpx: ContextParallel, sends, like, src):
+    """One batch: ``sends`` [(tensor, CP rank)] and receives shaped like ``like`` from CP rank
+    ``src``; waits for all of it and returns the received tensors."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), cpx.ranks[dst], cpx.group) for t, dst in sends]
+    out = [torch.empty_like(t) for t in like]
+    ops += [dist.P2POp(dist.irecv, t, cpx.ranks[src], cpx.group) for t in out]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return out
+
+
 def _needs(plan: CPPlan, rank: int, hop: int) -> bool:
     """Does ``rank`` hold a real chunk at ``hop`` (j = rank - hop ≥ 0; it uses it or passes it
     on)? Wrapped-around chunks are never needed (causal), so the ring is a chain."""
@@ -148,32 +160,46 @@ class _Ring(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         plan, cpx, attn, scale = ctx.plan, ctx.cpx, ctx.attn, ctx.scale
         r, n, C = plan.rank, plan.ring_hops, plan.cp
+        # K/V of hop 1 travel while the diagonal backward runs.
+        kv_ex = _Exchange(cpx, (k, v), send=r + 1 < C, recv=r >= 1) if n > 0 else None
         dq, dk, dv = attn.backward(q, k, v, o, lse, do, diag_segments(plan), scale)
         acc = torch.promote_types(k.dtype, torch.float32)
         dq = dq.to(acc)
-        held, grads, mine = (k, v), None, None
+        mine = None
         zeros = lambda: (torch.zeros(k.shape, dtype=acc, device=k.device),  # noqa: E731
                          torch.zeros(v.shape, dtype=acc, device=v.device))
         for h in range(1, n + 1):
-            send, recv = r + 1 < C and r + 1 - h >= 0, r - h >= 0
-            if send or recv:  # a rank that receives at hop h received at h-1: templates exist
-                got = _Exchange(cpx, tuple(held) + tuple(grads or ()), send, recv).wait()
-            if recv:
-                held = tuple(got[:2])
-                grads = tuple(got[2:]) if len(got) > 2 else zeros()
+            # Per hop, in the same order on every link (r-1 -> r): K/V of hop h (prefetched at
+            # hop h-1), the accumulator of chunk r-h (completed by r-1 at hop h-1), then the
+            # prefetch of hop h+1's K/V, which overlaps this hop's compute.
+            held = kv_ex.wait() if kv_ex is not None else None
+            kv_ex = None
+            grads = None
+            if held is not None:  # r - h >= 0
+                if h >= 2:
+                    grads = tuple(_Exchange(cpx, zeros(), send=False, recv=True).wait())
+                if h < n:
+                    kv_ex = _Exchange(cpx, held, send=r + 1 < C, recv=r - (h + 1) >= 0)
+                grads = grads or zeros()
                 segs = ring_segments(plan, h)
                 if segs is not None:
                     gq, gk, gv = attn.backward(q, held[0], held[1], o, lse, do, segs, scale)
                     dq = dq + gq.to(acc)
                     grads = (grads[0] + gk.to(acc), grads[1] + gv.to(acc))
-            # The accumulator of chunk r-h is complete at its last hop (h = n) or when it cannot
-            # travel further (r = C-1): it goes straight home to rank r-h.
-            home_send = recv and (h == n or r == C - 1)
-            home_recv = (h < n and r + h == C - 1) or (h == n and r + n <= C - 1)
-            if home_send or home_recv:
-                got = _Exchange(cpx, grads if home_send else zeros(), home_send, home_recv,
-                                shift=-h).wait()
-                if home_recv:
+            # The accumulator of chunk r-h travels on to r+1, unless it is complete: at its
+            # last hop (h = n) or on the last rank (r = C-1) it goes straight home to rank r-h.
+            # Both, and this rank's own accumulator coming home, go in one batch (posting them
+            # one after another could deadlock: r's send to r+1 is only received at hop h+1,
+            # after r+1's send home to r).
+            done = h == n or r == C - 1
+            sends, recv_from = [], None
+            if held is not None:
+                sends = [(g, r + 1 if not done else r - h) for g in grads]
+            if (h < n and r + h == C - 1) or (h == n and r + n <= C - 1):
+                recv_from = r + h
+            if sends or recv_from is not None:
+                got = _p2p(cpx, sends, zeros() if recv_from is not None else (), recv_from)
+                if recv_from is not None:
                     mine = got
         if mine is not None:
             dk = (dk.to(acc) + mine[0]).to(k.dtype)
