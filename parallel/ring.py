@@ -116,12 +116,6 @@ def _p2p(cpx: ContextParallel, sends, like, src):
     return out
 
 
-def _needs(plan: CPPlan, rank: int, hop: int) -> bool:
-    """Does ``rank`` hold a real chunk at ``hop`` (j = rank - hop ≥ 0; it uses it or passes it
-    on)? Wrapped-around chunks are never needed (causal), so the ring is a chain."""
-    return 0 <= rank - hop and rank < plan.cp
-
-
 def _merge(o_acc, lse_acc, o, lse):
     new = torch.logaddexp(lse_acc, lse)
     w_old = torch.exp(lse_acc - new)

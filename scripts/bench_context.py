@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from mmtrain.data.batch import Batch, position_ids_from_cu_seqlens
-from mmtrain.model.doc_attention import DocAttention, DocSoftmaxOp
+from mmtrain.model.doc_attention import DocSoftmaxOp
 from mmtrain.model.ops import LightningOp, SoftmaxOp
 from mmtrain.parallel.context import ContextLightningOp, ContextParallel, make_plan, shard_batch
 from mmtrain.parallel.ring import ContextSoftmaxOp, causal_work
