@@ -45,6 +45,9 @@ class ModelConfig:
     top_k: int = 2
     ffn_hidden_size: int = 256
     capacity_factor: Optional[float] = None  # None: dropless
+    # Global routing (SPEC §4): capacity is judged over the tokens of every rank of the step's
+    # batch (counts all-gathered) instead of each rank's own tokens. Same as local on one process.
+    global_routing: bool = False
     # Positions
     rope_theta: float = 10000.0
     rotary_dim: Optional[int] = None  # None: head_dim // 2 (MiniMax's partial RoPE)
@@ -220,6 +223,9 @@ class ParallelConfig:
     order: str = "tp-cp-ep-dp-pp"
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     timeout_s: int = 600
+    # EP-ETP overlap: split each MoE layer's dispatched tokens into this many groups so one
+    # group's all-to-all / ETP collectives overlap another's expert GEMMs (1 = off).
+    moe_overlap_groups: int = 1
 
     def validate(self, path: str = "parallel") -> None:
         for name in ("tp", "cp", "pp", "ep", "etp"):
@@ -235,6 +241,9 @@ class ParallelConfig:
             _fail(f"{path}.timeout_s", f"must be >= 1, got {self.timeout_s}")
         if not self.bucket_mb > 0:
             _fail(f"{path}.bucket_mb", f"must be > 0, got {self.bucket_mb}")
+        if self.moe_overlap_groups < 1:
+            _fail(f"{path}.moe_overlap_groups", f"must be >= 1 (1 = no overlap), got "
+                  f"{self.moe_overlap_groups}")
 
 
 @dataclass

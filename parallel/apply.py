@@ -18,15 +18,18 @@ lightning attention         one TP region (input all-gathered, output reduce-sca
 softmax attention           one TP region: q rows of the local heads; k/v rows of the local KV
                             heads when T divides G, else (G divides T) the full k/v weights kept
                             replicated and sliced to the one KV head of the rank's query heads
-MoE                         :class:`SequenceParallelMoE`: router and experts replicated, each TP
-                            rank routes its own sequence shard, aux loss over the micro-batch
+MoE                         router replicated, each TP rank routes its own sequence shard;
+                            capacity and aux loss over groups of ranks
+                            (:class:`~mmtrain.parallel.moe.GroupBalance`); with ep·etp > 1 the
+                            experts are sharded and the all-to-all dispatcher installed
+                            (:func:`~mmtrain.parallel.moe.shard_experts`)
 norms                       replicated, run on the rank's sequence shard
 lm_head                     :class:`ColumnParallelLinear` (vocab rows), input all-gathered;
                             logits stay vocab-sharded for the vocab-parallel cross-entropy
 ==========================  ====================================================================
 
 Checkpoints (see :meth:`Parallel.checkpoint_tensors`) hold the FULL logical tensors under the
-single-process keys ``model.<fqn>`` and ``optim.<fqn>.{exp_avg,exp_avg_sq,step}``: TP shards and
+single-process keys ``model.<fqn>`` and ``optim.<fqn>.{exp_avg,exp_avg_sq,step}``: TP, EP/ETP and
 ZeRO shards are all-gathered on save and sliced on load, so any layout loads any other. This costs
 one full copy of the model and optimizer state per rank during a save or load — fine at CPU and
 small-GPU scale, to be replaced by DTensor-sharded saves for large models.
@@ -35,12 +38,13 @@ Context parallelism (cp = C, :mod:`mmtrain.parallel.context`): every rank keeps 
 shard's weights (replicated over CP); :meth:`Parallel.shard_batch` gives the rank its contiguous
 piece of every row; the lightning cores become LASP+ (or LASP, ``parallel.cp_lightning``), the
 softmax cores Varlen Ring Attention (:mod:`mmtrain.parallel.ring`), the MoE routes the rank's
-tokens with its aux loss (and capacity) over the TP×CP group. Gradients then reduce over DP×CP
-(``dp_cp`` for TP-split weights, ``tp_dp_cp`` for replicated ones); experts over EDP, which spans
-DP×CP×TP when ep = etp = 1.
+tokens with local capacity judged over the TP×CP group (slots ranked by TP×CP rank, then local
+token: the global token order only for one-row micro-batches) and its aux loss over every rank
+(TP×DP×CP). Gradients then reduce over DP×CP (``dp_cp`` for TP-split weights, ``tp_dp_cp`` for
+replicated ones); experts over EDP, which spans DP×CP×TP when ep = etp = 1.
 
 Unsupported layouts fail in :func:`check_layout` (before any process group exists) with a
-ConfigError naming the field: pp, ep and etp > 1 arrive in later issues; TP needs sequence
+ConfigError naming the field: pp > 1 arrives in a later issue; TP needs sequence
 parallelism.
 """
 
@@ -56,21 +60,20 @@ import torch.nn.functional as F
 
 from mmtrain.config import Config, ConfigError, ParallelConfig
 from mmtrain.parallel.data import GradSync, ParamInfo, ZeroAdamW, clip_grad_norm
-from mmtrain.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, SequenceParallelMoE,
-                                     SlicedLinear, TPRMSNorm, VocabParallelEmbedding,
-                                     all_gather_dim0, gather_from_sp, reduce_scatter_to_sp,
+from mmtrain.parallel.moe import GroupBalance, shard_experts
+from mmtrain.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, SlicedLinear,
+                                     TPRMSNorm, VocabParallelEmbedding, all_gather_dim0,
+                                     gather_from_sp, reduce_scatter_to_sp,
                                      vocab_parallel_cross_entropy)
 from mmtrain.parallel.topology import Topology
 
 __all__ = ["check_layout", "check_context", "parallelize", "Parallel", "GROUPS_USED"]
 
-#: Process groups the TP × CP × DP trainer needs.
-GROUPS_USED = ("tp", "cp", "dp", "dp_cp", "tp_cp", "tp_dp", "tp_dp_cp", "edp")
+#: Process groups the trainer needs.
+GROUPS_USED = ("tp", "cp", "dp", "dp_cp", "tp_cp", "tp_dp", "tp_dp_cp", "ep", "etp", "edp")
 
 _LATER = {
     "pp": "pipeline parallelism is not implemented yet",
-    "ep": "expert parallelism arrives with the MoE dispatcher",
-    "etp": "expert tensor parallelism arrives with the MoE dispatcher",
 }
 
 
@@ -121,6 +124,8 @@ def check_layout(cfg: Config, world: int) -> Topology:
                           f"{cfg.data.seq_len}{f' / {c}' if c > 1 else ''} tokens do not split "
                           f"over parallel.tp={t} (sequence parallelism); make seq_len a multiple "
                           f"of {t * c}")
+    # experts split over EP, each expert's width over ETP
+    topo.check_model(num_experts=m.num_experts, ffn_hidden_size=m.ffn_hidden_size)
     dp = topo.dp
     if cfg.train.global_batch % (cfg.train.micro_batch * dp):
         raise ConfigError(f"train.global_batch: {cfg.train.global_batch} is not a multiple of "
@@ -187,14 +192,12 @@ def _shard_tensor_parallel(model: nn.Module, tp: int, t: int, group) -> dict:
             raise TypeError(f"no tensor-parallel plan for {type(a).__name__}")
         a.register_forward_pre_hook(functools.partial(_region_in, group))
         a.register_forward_hook(functools.partial(_region_out, group))
-        layer.moe.__class__ = SequenceParallelMoE
-        layer.moe.tp_group = group
     return split
 
 
 # ----------------------------------------------------------------------------------- CP ops
 def _shard_context_parallel(model: nn.Module, cp: int, c: int, groups, lightning: str):
-    """Swap the attention cores for their CP versions and give the MoE the TP×CP group."""
+    """Swap the attention cores for their CP versions (the MoE's groups are set by the caller)."""
     from mmtrain.model.attention import LightningAttention, SoftmaxAttention
     from mmtrain.parallel.context import ContextLightningOp, ContextParallel
     from mmtrain.parallel.ring import ContextSoftmaxOp
@@ -206,11 +209,6 @@ def _shard_context_parallel(model: nn.Module, cp: int, c: int, groups, lightning
             a.core = ContextLightningOp(a.core, cpx, lightning)
         elif isinstance(a, SoftmaxAttention):
             a.core = ContextSoftmaxOp(cpx)
-        # Aux loss over the whole micro-batch: counts and probability sums over TP×CP. Capacity
-        # (when not dropless) is judged over the same tokens, ranked by (TP×CP rank, local
-        # token) — the global token order only when the micro-batch is one row.
-        layer.moe.__class__ = SequenceParallelMoE
-        layer.moe.tp_group = groups.tp_cp
     return cpx
 
 
@@ -234,6 +232,7 @@ class Parallel:
         self.context = None
         self.vocab_start = 0
         split: dict[str, int] = {}
+        self.layouts: dict = {}  # expert params: fqn -> (full -> local, local -> full)
         full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         if self.tp > 1:
             split = _shard_tensor_parallel(model, self.tp, self.tp_rank, groups.tp)
@@ -241,6 +240,14 @@ class Parallel:
         if self.cp > 1:
             self.context = _shard_context_parallel(model, self.cp, self.cp_rank, groups,
                                                    pcfg.cp_lightning)
+        if self.distributed:
+            # aux loss over every rank's tokens; local capacity over the ranks that split one
+            # micro-batch (TP, and CP under context parallelism)
+            cap = groups.tp_cp if self.cp > 1 else groups.tp
+            model.set_balance(GroupBalance(model.cfg.global_routing, groups.tp_dp_cp, cap))
+            if topology.ep * topology.etp > 1:
+                self.layouts = shard_experts(model, groups.ep, groups.etp,
+                                             pcfg.moe_overlap_groups)
         model.to(device)
         self.infos: list[ParamInfo] = []
         for name, p in model.named_parameters():
@@ -316,7 +323,10 @@ class Parallel:
 
     # ------------------------------------------------------------------------ full tensors
     def _full(self, info: ParamInfo, local: torch.Tensor) -> torch.Tensor:
-        """The full logical tensor of a local piece (collective over TP for split params)."""
+        """The full logical tensor of a local piece (collective over TP for split params, over
+        EP and ETP for sharded experts)."""
+        if info.name in self.layouts:
+            return self.layouts[info.name][1](local.detach())
         if info.tp_dim is None or self.tp == 1:
             return local
         pieces = all_gather_dim0(local.detach().movedim(info.tp_dim, 0).contiguous(),
@@ -324,6 +334,8 @@ class Parallel:
         return pieces.movedim(0, info.tp_dim).contiguous()
 
     def _local(self, info: ParamInfo, full: torch.Tensor) -> torch.Tensor:
+        if info.name in self.layouts:
+            return self.layouts[info.name][0](full)
         if info.tp_dim is None or self.tp == 1:
             return full
         n = full.shape[info.tp_dim] // self.tp

@@ -1,6 +1,6 @@
 """Tensor and sequence parallelism (Megatron style): collectives as autograd Functions, column-,
-row- and vocab-parallel layers, the TP-aware RMSNorm of lightning attention, vocab-parallel
-cross-entropy and the sequence-parallel MoE.
+row- and vocab-parallel layers, the TP-aware RMSNorm of lightning attention and vocab-parallel
+cross-entropy. (The MoE under SP is the plain MoE with a group-aware balance: parallel/moe.py.)
 
 Legend: T tokens of the packed micro-batch (all rows flattened), Tl = T / tp the tokens of one
 TP rank under sequence parallelism, D hidden, V vocab, Vl = V / tp, E experts, K top-k.
@@ -30,13 +30,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmtrain.model.moe import MoE, Routing, aux_loss, expert_capacity, route
-
 __all__ = [
     "copy_to_tp", "reduce_from_tp", "all_reduce_tp", "gather_from_sp", "reduce_scatter_to_sp",
     "scatter_to_sp", "ColumnParallelLinear", "RowParallelLinear", "SlicedLinear",
     "VocabParallelEmbedding", "TPRMSNorm", "vocab_parallel_cross_entropy",
-    "SequenceParallelMoE", "sp_capacity_keep",
 ]
 
 
@@ -334,61 +331,3 @@ def vocab_parallel_cross_entropy(logits_NVl: torch.Tensor, target_N: torch.Tenso
         lf = logits_NVl.to(torch.promote_types(logits_NVl.dtype, torch.float32))
         return F.cross_entropy(lf, target_N, reduction="none")
     return _VocabParallelCE.apply(logits_NVl, target_N, vocab_start, group)
-
-
-# ------------------------------------------------------------------------- sequence-parallel MoE
-def sp_capacity_keep(idx_TK: torch.Tensor, num_experts: int, capacity_factor: float | None,
-                     group) -> torch.Tensor:
-    """Capacity drops of this rank's sequence shard, decided exactly as if the whole micro-batch
-    (all TP ranks' shards, in rank order) had been routed together: the capacity counts the full
-    micro-batch and each slot's priority counts the slots of lower ranks (same choice rank) and
-    of all earlier choice ranks (k-major, then token order, as :func:`mmtrain.model.moe.capacity_keep`)."""
-    T, K = idx_TK.shape
-    if capacity_factor is None:
-        return torch.ones_like(idx_TK, dtype=torch.bool)
-    n = _size(group)
-    r = dist.get_rank(group) if n > 1 else 0
-    onehot_KTE = F.one_hot(idx_TK.t(), num_experts)
-    counts_KE = onehot_KTE.sum(dim=1)
-    every_nKE = all_gather_dim0(counts_KE[None], group)  # [n, K, E]
-    total_KE = every_nKE.sum(dim=0)
-    prior_KE = total_KE.cumsum(dim=0) - total_KE + every_nKE[:r].sum(dim=0)
-    pos_KT = (onehot_KTE.cumsum(dim=1) - 1).gather(2, idx_TK.t()[..., None])[..., 0]
-    pos_KT = pos_KT + prior_KE.gather(1, idx_TK.t())
-    cap = expert_capacity(T * n, K, num_experts, capacity_factor)
-    return (pos_KT < cap).t()
-
-
-class SequenceParallelMoE(MoE):
-    """The MoE layer of one TP rank's sequence shard (experts replicated across TP, etp = 1).
-
-    Same computation as :class:`MoE`, but the capacity decision (:func:`sp_capacity_keep`) and the
-    aux loss use the whole micro-batch: the expert counts f and the router-probability sums m are
-    summed over TP, so the aux value and its gradient equal the single-process ones. The prob sum
-    is reduced with an identity backward: each rank's router sees the gradient of its own tokens,
-    and the router's gradient is then summed over TP with the other replicated weights."""
-
-    tp_group = None  # set by ``parallelize``
-
-    def forward(self, x_TD: torch.Tensor):
-        group = self.tp_group
-        n = _size(group)
-        rdt = torch.promote_types(x_TD.dtype, torch.float32)
-        logits = F.linear(x_TD.to(rdt), self.router.weight.to(rdt))
-        r = route(logits, self.top_k, None)
-        keep = sp_capacity_keep(r.idx_TK, self.num_experts, self.capacity_factor, group)
-        routing = Routing(r.idx_TK, r.weight_TK, keep, r.probs_TE)
-        x_SD, counts, ctx = self.dispatcher.dispatch(x_TD, routing, self.num_experts)
-        y_SD = self.experts(x_SD, counts)
-        y = self.dispatcher.combine(y_SD, routing, ctx)
-        T, K = routing.idx_TK.shape
-        with torch.no_grad():
-            load = torch.bincount(routing.idx_TK.reshape(-1), minlength=self.num_experts)
-            global_load = _all_reduce(load.clone(), group)
-        prob_sum_E = reduce_from_tp(routing.probs_TE.sum(dim=0), group)
-        # aux_loss's m is probs.mean(0); pass the full-micro-batch mean as a one-row "probs".
-        aux = aux_loss((prob_sum_E / (T * n))[None], routing.idx_TK, global_load, T * K * n)
-        with torch.no_grad():
-            self.last_stats = {"dropped": int((~routing.keep_TK).sum()),
-                               "slots": routing.keep_TK.numel(), "load": load}
-        return y, aux

@@ -1,9 +1,11 @@
-"""Training throughput of every TP × DP split of the GPUs of one host (NCCL, one process a GPU).
+"""Training throughput of parallel layouts of the GPUs of one host (NCCL, one process a GPU).
 
-    python scripts/bench_train.py [--gpus N] [--steps 30] [--out bench_train.json] [overrides...]
+    python scripts/bench_train.py [--gpus N] [--steps 30] [--layouts tp=1,ep=2+etp=1]
+                                  [--out bench_train.json] [overrides...]
 
-For each tp in the divisors of N (dp = N / tp) it launches ``torchrun --nproc-per-node N`` on this
-script in worker mode, which runs the real trainer (``mmtrain.train.loop.train``: bucketed gradient
+For each layout (default: every tp in the divisors of N, dp = N / tp; ``--layouts`` takes a comma
+list of ``+``-joined ``parallel.*`` settings such as ``ep=2`` or ``tp=2+ep=2``) it launches
+``torchrun --nproc-per-node N`` on this script in worker mode, which runs the real trainer (``mmtrain.train.loop.train``: bucketed gradient
 reduction overlapped with the backward pass, ZeRO-1, sequence parallelism under TP, bf16 autocast)
 on a ~1B-activated hybrid lightning/softmax MoE config, with checkpoint writes disabled. It reports
 per layout: tokens/s (median over the steps after warm-up), MFU (model FLOPs of
@@ -47,25 +49,29 @@ def worker(args, overrides):
     from mmtrain.train import loop
 
     ckpt.save = lambda *a, **k: None  # throughput only: no checkpoint writes
-    cfg = load_config(MODEL + TRAIN + [f"train.max_steps={args.steps}",
-                                       f"parallel.tp={args.tp}"] + overrides)
-    res = loop.train(cfg)
+    cfg = load_config(MODEL + TRAIN + [f"train.max_steps={args.steps}"]
+                      + [f"parallel.{kv}" for kv in args.layout.split("+")] + overrides)
+    loop.train(cfg)
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30], device="cuda")
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    if dist.get_rank() == 0:
+    multi = dist.is_initialized()
+    if multi:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if not multi or dist.get_rank() == 0:
         recs = [json.loads(l) for l in open(os.path.join(cfg.run.dir, "metrics.jsonl"))]
         steady = recs[args.warmup:] or recs
         tps = statistics.median(r["tokens_per_s"] for r in steady)
         mfu = statistics.median(r["mfu"] for r in steady) if steady[0]["mfu"] else None
-        out = {"tp": args.tp, "dp": dist.get_world_size() // args.tp,
+        out = {"layout": args.layout, "tp": cfg.parallel.tp,
+               "dp": (dist.get_world_size() if multi else 1) // cfg.parallel.tp,
                "tokens_per_s": tps, "mfu": mfu, "peak_mem_gib": float(peak.item()),
                "step_time_s": statistics.median(r["step_time_s"] for r in steady),
                "losses": [r["loss"] for r in recs], "device": torch.cuda.get_device_name(),
                "torch": torch.__version__}
         with open(args.result, "w") as f:
             json.dump(out, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    if multi:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def driver(args, overrides):
@@ -75,34 +81,37 @@ def driver(args, overrides):
     results = []
     base_env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
                     NVSHMEM_DISABLE_NVLS="1", OMP_NUM_THREADS="4", PYTHONUNBUFFERED="1")
-    for tp in [t for t in (1, 2, 4, 8) if n % t == 0 and t <= n]:
-        result = os.path.abspath(f"{args.out}.tp{tp}.json")
-        run_dir = f"/tmp/bench_train_tp{tp}"
+    layouts = (args.layouts.split(",") if args.layouts
+               else [f"tp={t}" for t in (1, 2, 4, 8) if n % t == 0 and t <= n])
+    for k, layout in enumerate(layouts):
+        tag = layout.replace("=", "").replace("+", "_")
+        result = os.path.abspath(f"{args.out}.{tag}.json")
+        run_dir = f"/tmp/bench_train_{tag}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-               "--master-port", str(29500 + tp), os.path.join(HERE, "bench_train.py"),
-               "--worker", "--tp", str(tp), "--steps", str(args.steps), "--warmup",
+               "--master-port", str(29500 + k), os.path.join(HERE, "bench_train.py"),
+               "--worker", "--layout", layout, "--steps", str(args.steps), "--warmup",
                str(args.warmup), "--result", result, *overrides, f"run.dir={run_dir}"]
         t0 = time.time()
         try:
             proc = subprocess.run(cmd, env=base_env, capture_output=True, text=True,
                                   timeout=args.timeout)
         except subprocess.TimeoutExpired as exc:
-            print(f"tp={tp}: timed out after {args.timeout}s", flush=True)
+            print(f"{layout}: timed out after {args.timeout}s", flush=True)
             proc = subprocess.CompletedProcess(cmd, -1, exc.stdout or "", exc.stderr or "")
             proc.stdout = proc.stdout.decode() if isinstance(proc.stdout, bytes) else proc.stdout
             proc.stderr = proc.stderr.decode() if isinstance(proc.stderr, bytes) else proc.stderr
-        with open(f"{args.out}.tp{tp}.log", "w") as f:
+        with open(f"{args.out}.{tag}.log", "w") as f:
             f.write(proc.stdout + "\n---- stderr ----\n" + proc.stderr)
         if proc.returncode != 0 or not os.path.exists(result):
             err = proc.stderr
             first = err.find("Traceback")
-            print(f"tp={tp}: FAILED (exit {proc.returncode})\n{err[first:first + 3000]}",
+            print(f"{layout}: FAILED (exit {proc.returncode})\n{err[first:first + 3000]}",
                   flush=True)
             continue
         r = json.load(open(result))
         r["wall_s"] = time.time() - t0
         results.append(r)
-        print(f"tp={tp} dp={r['dp']}: {r['tokens_per_s']:.0f} tok/s, MFU "
+        print(f"{layout} (dp={r['dp']}): {r['tokens_per_s']:.0f} tok/s, MFU "
               f"{(r['mfu'] or 0) * 100:.1f}%, peak {r['peak_mem_gib']:.1f} GiB, "
               f"wall {r['wall_s']:.0f}s", flush=True)
         with open(args.out, "w") as f:
@@ -113,14 +122,14 @@ def driver(args, overrides):
     print(f"\n{results[0]['device']} x{n}, torch {results[0]['torch']}, {args.steps} steps, "
           f"recipe {' '.join(TRAIN)}; overrides: {' '.join(overrides) or 'none'}")
     print(f"{'layout':<12}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'step s':>9}"
-          f"{'max |dloss|/loss vs ' + 'tp' + str(results[0]['tp']):>28}")
+          f"{'max |dloss|/loss vs ' + results[0]['layout']:>28}")
     for r in results:
         dev = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref))
         r["max_rel_loss_dev"] = dev
-        print(f"{'tp' + str(r['tp']) + ' x dp' + str(r['dp']):<12}{r['tokens_per_s']:>12.0f}"
+        print(f"{r['layout'] + ' dp' + str(r['dp']):<12}{r['tokens_per_s']:>12.0f}"
               f"{(r['mfu'] or 0) * 100:>7.1f}%{r['peak_mem_gib']:>10.1f}"
               f"{r['step_time_s']:>9.3f}{dev:>28.2e}")
-    print("losses " + " | ".join(f"tp{r['tp']}: " + " ".join(f"{x:.4f}" for x in r["losses"][::5])
+    print("losses " + " | ".join(f"{r['layout']}: " + " ".join(f"{x:.4f}" for x in r["losses"][::5])
                                  for r in results))
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
@@ -130,7 +139,8 @@ def driver(args, overrides):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", action="store_true")
-    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--layout", default="tp=1")
+    p.add_argument("--layouts", default="", help="comma list of +-joined parallel settings")
     p.add_argument("--gpus", type=int, default=0)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the medians")

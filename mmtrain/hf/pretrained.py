@@ -6,7 +6,6 @@ directory (transformers-native or remote-code layout, converted on the fly, tens
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -90,14 +89,10 @@ def load_weights(path, model, *, what: str = "train.init_from") -> list[str]:
     notes += list(info.get("notes", []))
     state = model.state_dict()
     if info["kind"] == "mmtrain":
-        import torch.distributed.checkpoint as dcp
+        from mmtrain.train.checkpoint import dcp_load
 
-        from mmtrain.train.checkpoint import SafeReader
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed.*")
-            dcp.load({f"model.{k}": v for k, v in state.items()},
-                     storage_reader=SafeReader(str(info["checkpoint"])), no_dist=True)
+        dcp_load({f"model.{k}": v for k, v in state.items()}, info["checkpoint"],
+                 no_dist=True)
         notes.append(f"{what}: loaded model weights from {info['checkpoint']}")
         return notes
     from mmtrain.hf.import_ import open_source

@@ -10,8 +10,8 @@ mmtrain (``MiniMaxModel.state_dict()``)        transformers (``MiniMaxForCausalL
   layers.i.attn.norm.weight                      model.layers.i.self_attn.norm.weight
   layers.i.attn.{q,k,v,o}_proj.weight            model.layers.i.self_attn.{q,k,v,o}_proj.weight
   layers.i.moe.router.weight [E, D]              model.layers.i.mlp.gate.weight
-  layers.i.moe.experts.w1, w3 [E, F, D]          model.layers.i.mlp.experts.gate_up_proj [E, 2F, D]
-                                                   = cat(w1, w3, dim=1)  (gate first, then up)
+  layers.i.moe.experts.w13 [E, 2F, D]            model.layers.i.mlp.experts.gate_up_proj [E, 2F, D]
+                                                   (the same: gate rows W1 first, then up W3)
   layers.i.moe.experts.w2 [E, D, F]              model.layers.i.mlp.experts.down_proj
   final_norm.weight, lm_head.weight              model.norm.weight, lm_head.weight
   (lightning slopes: computed, not saved)        self_attn.{slope_rate, query_decay, key_decay,
@@ -72,8 +72,8 @@ def mm_param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
         else:
             out.update({p + "attn.q_proj.weight": (HK, D), p + "attn.k_proj.weight": (GK, D),
                         p + "attn.v_proj.weight": (GK, D), p + "attn.o_proj.weight": (D, HK)})
-        out.update({p + "moe.router.weight": (E, D), p + "moe.experts.w1": (E, F, D),
-                    p + "moe.experts.w3": (E, F, D), p + "moe.experts.w2": (E, D, F)})
+        out.update({p + "moe.router.weight": (E, D), p + "moe.experts.w13": (E, 2 * F, D),
+                    p + "moe.experts.w2": (E, D, F)})
     out["final_norm.weight"] = (D,)
     out["lm_head.weight"] = (V, D)
     return out
@@ -117,12 +117,7 @@ def export_tensors(cfg: ModelConfig, read, dtype: torch.dtype, qk_perm: str | No
             one(q + "self_attn.o_proj.weight", p + "attn.o_proj.weight")
         one(q + "post_attention_layernorm.weight", p + "post_norm.weight")
         one(q + "mlp.gate.weight", p + "moe.router.weight")
-        E, F, D = shapes[p + "moe.experts.w1"]
-
-        def gate_up(p=p):
-            t = read([p + "moe.experts.w1", p + "moe.experts.w3"])
-            return torch.cat([t[p + "moe.experts.w1"], t[p + "moe.experts.w3"]], dim=1)
-        out.append(OutTensor(q + "mlp.experts.gate_up_proj", (E, 2 * F, D), dtype, gate_up))
+        one(q + "mlp.experts.gate_up_proj", p + "moe.experts.w13")  # same [E, 2F, D] layout
         one(q + "mlp.experts.down_proj", p + "moe.experts.w2")
     one("model.norm.weight", "final_norm.weight")
     one("lm_head.weight", "lm_head.weight")
@@ -138,13 +133,6 @@ def import_tensors(cfg: ModelConfig, src, qk_perm: str | None,
     shapes = mm_param_shapes(cfg)
     names = set(src.keys())
     out: list[OutTensor] = []
-    cache: dict[str, torch.Tensor] = {}
-
-    def read_cached(name):
-        if name not in cache:
-            cache.clear()
-            cache[name] = src.read(name)
-        return cache[name]
 
     used: set[str] = set()
 
@@ -192,33 +180,32 @@ def import_tensors(cfg: ModelConfig, src, qk_perm: str | None,
             direct(p + "attn.v_proj.weight", pick(q + "self_attn.v_proj.weight"))
             direct(p + "attn.o_proj.weight", pick(q + "self_attn.o_proj.weight"))
         direct(p + "moe.router.weight", pick(q + "mlp.gate.weight", q + "block_sparse_moe.gate.weight"))
-        E, F, D = shapes[p + "moe.experts.w1"]
+        E, F2, D = shapes[p + "moe.experts.w13"]
+        F = F2 // 2
         fused = q + "mlp.experts.gate_up_proj"
         if fused in names:
-            used.add(fused)
-            expect(fused, (E, 2 * F, D))
-            gu_dtype = src.info(fused).dtype
-            add(p + "moe.experts.w1", lambda f=fused, F=F: read_cached(f)[:, :F].clone(), gu_dtype)
-            add(p + "moe.experts.w3", lambda f=fused, F=F: read_cached(f)[:, F:].clone(), gu_dtype)
+            direct(p + "moe.experts.w13", pick(fused))
             direct(p + "moe.experts.w2", pick(q + "mlp.experts.down_proj"))
         else:
+            per = {}
             for w in ("w1", "w3", "w2"):
-                per = []
-                for e in range(E):
-                    per.append(pick(q + f"block_sparse_moe.experts.{e}.{w}.weight",
-                                    q + f"mlp.experts.{e}.{w}.weight"))
+                per[w] = [pick(q + f"block_sparse_moe.experts.{e}.{w}.weight",
+                               q + f"mlp.experts.{e}.{w}.weight") for e in range(E)]
+                for n in per[w]:
+                    expect(n, (D, F) if w == "w2" else (F, D))
 
-                for n in per:
-                    expect(n, shapes[p + f"moe.experts.{w}"][1:])
-
-                def stacked(per=per):
-                    first = src.read(per[0])
-                    t = torch.empty((len(per),) + tuple(first.shape), dtype=first.dtype)
-                    t[0] = first
-                    for k, n in enumerate(per[1:], 1):
-                        t[k] = src.read(n)
-                    return t
-                add(p + f"moe.experts.{w}", stacked, src.info(per[0]).dtype)
+            def stacked(names_by_half):
+                first = src.read(names_by_half[0][0])
+                rows = first.shape[0]
+                t = torch.empty((E, rows * len(names_by_half), first.shape[1]), dtype=first.dtype)
+                for h, half in enumerate(names_by_half):  # w13 = [w1 rows; w3 rows] per expert
+                    for k, n in enumerate(half):
+                        t[k, h * rows:(h + 1) * rows] = first if (h, k) == (0, 0) else src.read(n)
+                return t
+            add(p + "moe.experts.w13", lambda per=per: stacked([per["w1"], per["w3"]]),
+                src.info(per["w1"][0]).dtype)
+            add(p + "moe.experts.w2", lambda per=per: stacked([per["w2"]]),
+                src.info(per["w2"][0]).dtype)
     direct("final_norm.weight", pick("model.norm.weight"))
     direct("lm_head.weight", pick("lm_head.weight", "model.embed_tokens.weight"))
     for t in out:

@@ -18,7 +18,7 @@ import torch.nn as nn
 from mmtrain.config import ModelConfig
 from mmtrain.model.attention import LightningAttention, SoftmaxAttention
 from mmtrain.model.layers import RMSNorm, xavier_normal_
-from mmtrain.model.moe import MoE
+from mmtrain.model.moe import Balance, MoE
 
 
 @dataclass
@@ -35,7 +35,7 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         attn_cls = LightningAttention if kind == "lightning" else SoftmaxAttention
         self.attn = attn_cls(cfg, layer_idx)
-        self.moe = MoE(cfg)
+        self.moe = MoE(cfg, layer_idx)
         self.deepnorm = cfg.norm_scheme == "deepnorm"
         self.alpha = cfg.deepnorm_alpha if self.deepnorm else 1.0
 
@@ -60,6 +60,27 @@ class MiniMaxModel(nn.Module):
                                     for i, kind in enumerate(cfg.layer_types()))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.set_balance(Balance(cfg.global_routing))
+
+    # ----------------------------------------------------------------------------------------
+    def set_balance(self, balance: Balance) -> None:
+        """One :class:`~mmtrain.model.moe.Balance` for every MoE layer (``mmtrain.parallel``
+        installs a distributed one)."""
+        self.balance = balance
+        for layer in self.layers:
+            layer.moe.balance = balance
+
+    def begin_step(self, step_tokens: int) -> None:
+        """A training step starts whose global batch routes ``step_tokens`` tokens (all ranks):
+        the aux loss and the MoE statistics are then those of the whole step."""
+        self.balance.begin_step(step_tokens)
+
+    def moe_stats(self) -> torch.Tensor:
+        """This rank's MoE statistics of the step so far, [L, 2E + 2] fp64 (counts, probability
+        sums, dropped slots, tokens per layer; see ``Balance.record``)."""
+        rows = [self.balance.stats[i] for i in range(len(self.layers)) if i in self.balance.stats]
+        return torch.stack(rows) if rows else torch.zeros(0, 2 * self.cfg.num_experts + 2,
+                                                          dtype=torch.float64)
 
     # ----------------------------------------------------------------------------------------
     def reset_parameters(self, seed: int = 0):

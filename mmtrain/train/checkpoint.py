@@ -222,6 +222,37 @@ def read_meta(path) -> dict:
         return json.load(f)
 
 
+def dcp_load(state: dict, path, **kwargs) -> None:
+    """``dcp.load`` through :class:`SafeReader`, also from checkpoints written before the
+    experts' gate and up weights were fused: a requested ``…moe.experts.w13…`` entry that the
+    checkpoint lacks is read from its ``w1`` and ``w3`` halves (model and optimizer moments;
+    the step counter from ``w1``)."""
+    reader = SafeReader(str(path))
+    have = reader.read_metadata().state_dict_metadata
+    request, legacy = {}, []
+    for key, t in state.items():
+        if ".moe.experts.w13" in key and key not in have:
+            k1, k3 = key.replace(".w13", ".w1"), key.replace(".w13", ".w3")
+            if k1 in have and (key.endswith(".step") or k3 in have):
+                if key.endswith(".step"):
+                    request[k1] = t
+                    continue
+                half = t.shape[1] // 2
+                request[k1] = torch.empty_like(t[:, :half])
+                request[k3] = torch.empty_like(t[:, half:])
+                legacy.append((t, request[k1], request[k3]))
+                continue
+        request[key] = t
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed.*")
+        dcp.load(request, storage_reader=SafeReader(str(path)), **kwargs)
+    with torch.no_grad():
+        for t, w1, w3 in legacy:
+            half = w1.shape[1]
+            t[:, :half].copy_(w1)
+            t[:, half:].copy_(w3)
+
+
 def load(path, model, optimizer=None, tensors: dict | None = None) -> dict:
     """Load model (and optimizer) tensors in place; return this rank's JSON state (rank 0's if
     the checkpoint was written by fewer ranks).
@@ -236,9 +267,7 @@ def load(path, model, optimizer=None, tensors: dict | None = None) -> dict:
     if optimizer is not None and tensors is None:
         state.update({f"optim.{k}": v for k, v in
                       optimizer_tensors(model, optimizer, materialize=True).items()})
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, storage_reader=SafeReader(str(path)))
+    dcp_load(state, path)
     rank_file = path / f"rank_{_rank():05d}.json"
     if rank_file.is_file():
         with open(rank_file) as f:

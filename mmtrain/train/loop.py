@@ -2,9 +2,11 @@
 
 Loss normalisation (what makes every layout and accumulation give the same numbers): the LM loss
 of a step is the sum of token cross-entropies over the whole global batch divided by its number of
-loss tokens (counted across ranks before the first backward). The aux loss of a step is the mean of
-the per-micro-batch aux values (each the mean over layers of E·Σ f·m), times ``aux_loss_coef``.
-Gradients are summed across data-parallel ranks.
+loss tokens (counted across ranks before the first backward). The aux loss of a step is the mean
+over layers of E·Σ f·m with f and m over the step's whole global batch (every rank, every
+micro-batch; ``mmtrain.model.moe``: exact without accumulation, running counts with it), times
+``aux_loss_coef``; the logged ``aux_loss`` is always the exact global-batch value. Gradients are
+summed across data-parallel (and context-parallel) ranks.
 
 Everything distributed goes through the :class:`mmtrain.parallel.apply.Parallel` handle that
 ``parallelize`` returns (TP/SP sharding, vocab-parallel loss, bucketed gradient reduction over
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from mmtrain.config import Config, ConfigError
+from mmtrain.model.moe import step_summary
 from mmtrain.parallel.apply import check_layout
 from mmtrain.parallel.context import layout_summary
 from mmtrain.train import checkpoint as ckpt
@@ -182,30 +185,27 @@ def train(cfg: Config) -> TrainResult:
                 t0 = time.time()
                 micro = [par.shard_batch(b, device) for b in loader.next_step()]  # CP: a piece
                 n_tok = torch.tensor([float(sum(b.loss_mask.sum().item() for b in micro))])
-                n_tok = max(par.all_reduce(n_tok, "dp_cp").item(), 1.0)
-                n_micro_global = len(micro) * dp
+                n_tok = max(par.all_reduce(n_tok, "dp_cp").item(), 1.0)  # CP: pieces of rows
+                model.begin_step(tcfg.global_batch * cfg.data.seq_len)  # tokens routed, all ranks
                 lm_sum = torch.zeros((), dtype=torch.float64)
-                aux_sum = torch.zeros((), dtype=torch.float64)
-                drops = torch.zeros(3, dtype=torch.float64)  # dropped slots, slots, stop flag
                 for i, batch in enumerate(micro):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                         out = model(batch.tokens, batch.cu_seqlens, batch.position_ids)
                     ce = par.token_ce(out.logits.float(), batch.labels)
                     lm = (ce * batch.loss_mask.view(-1)).sum()
-                    loss = lm / n_tok + tcfg.aux_loss_coef * out.aux_loss / n_micro_global
+                    loss = lm / n_tok + tcfg.aux_loss_coef * out.aux_loss
                     par.prepare_backward(last_micro_batch=i == len(micro) - 1)
                     loss.backward()
                     lm_sum += lm.detach().double().cpu()
-                    aux_sum += out.aux_loss.detach().double().cpu()
-                    for layer in model.layers:
-                        st = layer.moe.last_stats
-                        drops[:2] += torch.tensor([st["dropped"], st["slots"]], dtype=torch.float64)
-                drops[2] = float(stopper.requested)
-                # CP ranks hold pieces of the LM loss but the same (TP×CP-wide) aux value
-                stats = par.all_reduce(torch.cat([lm_sum.view(1), aux_sum.view(1) / par.cp]),
-                                       "dp_cp")
-                drops = par.all_reduce(drops, "tp_dp_cp")  # each rank routed its own tokens
-                stop = drops[2].item() > 0  # any rank signalled: all stop after this step
+                stats = par.all_reduce(lm_sum.view(1), "dp_cp")  # CP ranks hold pieces of it
+                # MoE statistics of every rank's own tokens, plus the stop flag: one reduction
+                moe = model.moe_stats()
+                flat = torch.cat([moe.reshape(-1).cpu(),
+                                  torch.tensor([float(stopper.requested)], dtype=torch.float64)])
+                flat = par.all_reduce(flat, "tp_dp_cp")
+                stop = flat[-1].item() > 0  # any rank signalled: all stop after this step
+                moe_summary = step_summary(flat[:-1].view(moe.shape), cfg.model.num_experts,
+                                           cfg.model.top_k)
                 par.reduce_grads()
                 grad_norm = par.clip_grad_norm(tcfg.grad_clip)
                 lr = lr_at(step, tcfg)
@@ -218,9 +218,10 @@ def train(cfg: Config) -> TrainResult:
                 tokens = tcfg.global_batch * cfg.data.seq_len
                 tps = tokens / max(dt, 1e-9)
                 record = {"step": step + 1, "loss": loss_val, "lr": lr,
-                          "aux_loss": stats[1].item() / n_micro_global,
+                          "aux_loss": moe_summary["aux_loss"],
                           "grad_norm": float(grad_norm), "tokens_per_s": tps,
-                          "drop_rate": drops[0].item() / max(drops[1].item(), 1.0),
+                          "drop_rate": moe_summary["drop_rate"],
+                          "expert_imbalance": moe_summary["expert_imbalance"],
                           "step_time_s": dt,
                           "mfu": (acct.flops_per_token * tps / (peak * world)) if peak else None}
                 logger.log(record)

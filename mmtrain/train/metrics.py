@@ -84,7 +84,10 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         info = (f"loss {record['loss']:.4f}  aux {record['aux_loss']:.3f}  "
-                f"{record['tokens_per_s']:.0f} tok/s"
+                + (f"drop {record['drop_rate'] * 100:.1f}%  " if record.get("drop_rate") else "")
+                + (f"imb {record['expert_imbalance']:.2f}  "
+                   if record.get("expert_imbalance") is not None else "")
+                + f"{record['tokens_per_s']:.0f} tok/s"
                 + (f"  MFU {record['mfu'] * 100:.1f}%" if record.get("mfu") is not None else ""))
         if self._progress is not None:
             self._progress.update(self._task, completed=record["step"], info=info)

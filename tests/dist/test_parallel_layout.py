@@ -20,8 +20,9 @@ TINY = ["model.hidden_size=32", "model.num_heads=2", "model.num_kv_heads=1",
 
 @pytest.mark.parametrize("overrides,world,field", [
     (["parallel.tp=2", "parallel.sequence_parallel=false"], 2, "parallel.sequence_parallel"),
-    (["parallel.ep=2"], 2, "parallel.ep"),
-    (["parallel.etp=2"], 2, "parallel.etp"),
+    (["parallel.ep=3"], 3, "model.num_experts"),               # 4 experts over 3 EP ranks
+    (["parallel.etp=2", "model.ffn_hidden_size=33"], 2, "model.ffn_hidden_size"),
+    (["parallel.ep=4"], 2, "parallel.ep"),                     # more EP ranks than the world
     (["parallel.cp=3"], 3, "data.seq_len"),  # 32 tokens per row do not split over 3
     (["parallel.cp=2", "parallel.tp=2", "data.seq_len=34"], 4, "data.seq_len"),  # 17 over tp 2
     (["parallel.pp=2"], 2, "parallel.pp"),
@@ -42,9 +43,18 @@ def test_unknown_cp_lightning_fails_naming_the_field():
         load_config(TINY + ["parallel.cp=2", "parallel.cp_lightning=ring"])
 
 
+def test_overlap_groups_must_be_positive():
+    with pytest.raises(ConfigError, match="^parallel.moe_overlap_groups:"):
+        load_config(TINY + ["parallel.moe_overlap_groups=0"])
+
+
 def test_supported_layout_gives_topology():
     topo = check_layout(load_config(TINY + ["parallel.tp=2", "parallel.dp=2"]), 4)
     assert (topo.tp, topo.dp, topo.edp) == (2, 2, 4)
+    topo = check_layout(load_config(TINY + ["parallel.tp=2", "parallel.ep=4"]), 4)
+    assert (topo.tp, topo.dp, topo.ep, topo.etp, topo.edp) == (2, 2, 4, 1, 1)
+    topo = check_layout(load_config(TINY + ["parallel.ep=2", "parallel.etp=2"]), 4)
+    assert (topo.dp, topo.ep, topo.etp, topo.edp) == (4, 2, 2, 1)
 
 
 def test_cp_layout_groups():

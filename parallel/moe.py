@@ -1,0 +1,375 @@
+"""Expert parallelism (SPEC §4, §6): the all-to-all token dispatcher over EP with expert tensor
+parallelism (ETP), group-wide capacity and aux loss (global routing), EP-ETP overlap.
+
+Legend: T tokens of this rank, K top-k, E experts, El = E / ep experts on this EP rank, F expert
+width, Fl = F / etp its slice on this ETP rank, G overlap groups, D hidden.
+
+**Who holds what.** The expert grid (``mmtrain.parallel.topology``) puts rank r at (edp, ep, etp).
+EP rank j holds experts [j·El, (j+1)·El); ETP rank i holds, of each, the rows
+[i·Fl, (i+1)·Fl) of W1 and of W3 (``w13`` column-parallel) and the columns of W2 (row-parallel).
+Every rank routes its own tokens (its sequence shard under SP, its micro-batch under DP).
+
+**Dispatch** (:class:`AllToAllDispatcher`), per MoE layer:
+
+1. route, sort the kept slots by (overlap group, expert) on the device (dropped slots last);
+2. exchange the counts: one all-to-all over EP, one all-gather over ETP, then **one host sync per
+   layer** (a [G·E + etp·ep·G·El] int64 copy): the all-to-all split sizes must reach the host;
+3. per overlap group g: all-to-all of the rows over EP (uneven splits) → all-gather over ETP (so
+   every ETP rank of an expert sees all its rows) → rows ordered by local expert → grouped SwiGLU
+   on the local F slice → back to arrival order → reduce-scatter over ETP (sums the F slices'
+   partial outputs) → reverse all-to-all over EP;
+4. unpermute and combine the K experts of each token (fp32), as the local dispatcher does.
+
+Uneven all-gathers and reduce-scatters inside ETP are all-to-alls with repeated / split inputs.
+Step 3 is one autograd Function (:class:`_ExpertPipeline`) whose forward and backward both
+pipeline the groups: group g+1's all-to-all is in flight (async) while group g's expert GEMMs run,
+and group g's return all-to-all overlaps group g+1's GEMMs (``parallel.moe_overlap_groups`` = G;
+1 = no overlap). The groups split each rank's tokens into G contiguous ranges.
+
+**Capacity and aux** (:class:`GroupBalance`): the aux loss's f and m are summed over every rank
+of the dense grid that holds other tokens (TP×CP×DP of a pipeline stage), so it equals the
+single-process value of the same global batch. Capacity is judged over the *capacity group*: the
+TP group (sequence shards of one micro-batch, as one device would route them) by default, or, with
+``model.global_routing``, that whole TP×CP×DP group: the per-(choice rank, expert) counts are
+all-gathered and every slot's priority is (choice rank, group rank, token order), i.e. exactly
+the drops of routing all those tokens together on one device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mmtrain.model.moe import (Balance, Experts, Routing, capacity_keep, combine_slots,
+                               compute_dtype, expert_capacity, gather_slots, grouped_mm_available,
+                               inverse, swiglu_backward, swiglu_forward)
+from mmtrain.parallel.tensor import all_gather_dim0
+
+__all__ = ["GroupBalance", "AllToAllDispatcher", "all_to_all", "shard_moe", "shard_experts"]
+
+
+def _size(group) -> int:
+    return dist.get_world_size(group) if group is not None else 1
+
+
+def _rank(group) -> int:
+    return dist.get_rank(group) if group is not None else 0
+
+
+# ---------------------------------------------------------------------------------- balance
+class GroupBalance(Balance):
+    """:class:`~mmtrain.model.moe.Balance` over process groups (see the module docstring)."""
+
+    def __init__(self, global_routing: bool, aux_group, local_cap_group):
+        super().__init__(global_routing)
+        self.aux_group = aux_group
+        self.cap_group = aux_group if global_routing else local_cap_group
+
+    def group_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if _size(self.aux_group) > 1:
+            t = t.clone()
+            dist.all_reduce(t, group=self.aux_group)
+        return t
+
+    def keep(self, idx_TK: torch.Tensor, num_experts: int, capacity_factor) -> torch.Tensor:
+        if capacity_factor is None:
+            return torch.ones_like(idx_TK, dtype=torch.bool)
+        n, r = _size(self.cap_group), _rank(self.cap_group)
+        if n == 1:
+            return capacity_keep(idx_TK, num_experts, capacity_factor)
+        T, K = idx_TK.shape
+        counts_KE = F.one_hot(idx_TK.t(), num_experts).sum(dim=1)
+        every_nKE = all_gather_dim0(counts_KE[None].contiguous(), self.cap_group)
+        total_KE = every_nKE.sum(dim=0)
+        prior_KE = total_KE.cumsum(dim=0) - total_KE + every_nKE[:r].sum(dim=0)
+        cap = expert_capacity(T * n, K, num_experts, capacity_factor)
+        return capacity_keep(idx_TK, num_experts, None, capacity=cap, prior_KE=prior_KE)
+
+
+# ------------------------------------------------------------------------------- all-to-all
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out, work = all_to_all(x, out_splits, in_splits, group)
+        if work is not None:
+            work.wait()
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        out_splits, in_splits = ctx.splits
+        out, work = all_to_all(g.contiguous(), in_splits, out_splits, ctx.group)
+        if work is not None:
+            work.wait()
+        return out, None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list, in_splits: list, group,
+               async_op: bool = False):
+    """``all_to_all_single`` with uneven splits along dim 0; (out, work or None)."""
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    if _size(group) == 1:
+        out.copy_(x)
+        return out, None
+    work = dist.all_to_all_single(out, x.contiguous(), list(out_splits), list(in_splits),
+                                  group=group, async_op=async_op)
+    return out, (work if async_op else None)
+
+
+def differentiable_all_to_all(x, out_splits, in_splits, group):
+    return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
+
+
+# ------------------------------------------------------------------------------- the plan
+class _GroupPlan:
+    """Host-side sizes of one overlap group on this rank (all ints)."""
+
+    def __init__(self, send_counts_jl, recv_ijl, etp_rank):
+        # send_counts_jl[j][l]: rows this rank sends to EP rank j for its local expert l
+        # recv_ijl[i][j][l]: rows ETP rank i (of this EP rank) gets from EP rank j for expert l
+        self.in_splits = [sum(r) for r in send_counts_jl]
+        self.out_splits = [sum(r) for r in recv_ijl[etp_rank]]
+        self.etp_sizes = [sum(sum(r) for r in recv_i) for recv_i in recv_ijl]
+        self.etp_rank = etp_rank
+        r = torch.tensor(recv_ijl, dtype=torch.long)  # [etp, ep, El]
+        # gathered layout: [i][j][l] blocks; expert-major order: for l, for i, for j
+        starts = (r.reshape(-1).cumsum(0) - r.reshape(-1)).view(r.shape)
+        lengths = r.permute(2, 0, 1).reshape(-1)
+        first = starts.permute(2, 0, 1).reshape(-1)
+        self.n_gathered = int(r.sum())
+        within = torch.arange(self.n_gathered) - torch.repeat_interleave(
+            lengths.cumsum(0) - lengths, lengths)
+        self.perm = torch.repeat_interleave(first, lengths) + within
+        self.expert_counts = r.sum(dim=(0, 1)).tolist()
+        self.n_send = sum(self.in_splits)
+
+
+def _to_device(plan: _GroupPlan, device, use_gmm: bool):
+    perm = plan.perm.to(device, non_blocking=True)
+    inv = torch.empty_like(plan.perm)
+    inv[plan.perm] = torch.arange(plan.perm.numel())
+    inv = inv.to(device, non_blocking=True)
+    if use_gmm:
+        offs = torch.tensor(plan.expert_counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+        offs = offs.to(device, non_blocking=True)
+        counts = None
+    else:
+        offs, counts = torch.zeros(0), list(plan.expert_counts)
+    return perm, inv, offs, counts
+
+
+# --------------------------------------------------------------------------- the pipeline
+class _ExpertPipeline(torch.autograd.Function):
+    """Rows sorted by (group, destination EP rank, expert) -> the experts' outputs in the same
+    layout; collectives and expert GEMMs of the G groups pipelined (forward and backward)."""
+
+    @staticmethod
+    def forward(ctx, x_send, w13, w2, plans, ep_group, etp_group):
+        dt = x_send.dtype
+        w13c, w2c = w13.to(dt), w2.to(dt)
+        dev = x_send.device
+        use_gmm = grouped_mm_available(x_send)
+        etp = _size(etp_group)
+        bounds, pos = [], 0
+        for p in plans:
+            bounds.append((pos, pos + p.n_send))
+            pos += p.n_send
+        dev_plans = [_to_device(p, dev, use_gmm) for p in plans]
+        pending = [None] * len(plans)
+
+        def launch_dispatch(g):
+            a, b = bounds[g]
+            pending[g] = all_to_all(x_send[a:b], plans[g].out_splits, plans[g].in_splits,
+                                    ep_group, async_op=True)
+
+        y_send = x_send.new_empty(x_send.shape)
+        saved, returns = [], []
+        if plans:
+            launch_dispatch(0)
+        for g, p in enumerate(plans):
+            if g + 1 < len(plans):
+                launch_dispatch(g + 1)
+            recv, work = pending[g]
+            if work is not None:
+                work.wait()
+            if etp > 1:  # every ETP rank of these experts sees every row sent to them
+                gathered, _ = all_to_all(recv.repeat(etp, 1), p.etp_sizes,
+                                         [recv.shape[0]] * etp, etp_group)
+            else:
+                gathered = recv
+            perm, inv, offs, counts = dev_plans[g]
+            xg = gathered.index_select(0, perm)
+            yg, hg = swiglu_forward(xg, w13c, w2c, offs, counts)
+            saved.append((xg, hg))
+            y_arrival = yg.index_select(0, inv)
+            if etp > 1:  # sum the F slices' partial outputs, keep this rank's rows
+                part, _ = all_to_all(y_arrival, [recv.shape[0]] * etp, p.etp_sizes, etp_group)
+                y_arrival = part.view(etp, recv.shape[0], -1).sum(0)
+            a, b = bounds[g]
+            returns.append(all_to_all(y_arrival, p.in_splits, p.out_splits, ep_group,
+                                      async_op=True) + ((a, b),))
+        for out, work, (a, b) in returns:
+            if work is not None:
+                work.wait()
+            y_send[a:b] = out
+        ctx.plans, ctx.groups, ctx.bounds = plans, (ep_group, etp_group), bounds
+        ctx.dev_plans = dev_plans
+        ctx.wdtypes = (w13.dtype, w2.dtype)
+        flat = [t for pair in saved for t in pair]
+        ctx.save_for_backward(w13c, w2c, *flat)
+        return y_send
+
+    @staticmethod
+    def backward(ctx, dy_send):
+        w13c, w2c, *flat = ctx.saved_tensors
+        plans, bounds, dev_plans = ctx.plans, ctx.bounds, ctx.dev_plans
+        ep_group, etp_group = ctx.groups
+        etp = _size(etp_group)
+        dy_send = dy_send.contiguous().to(w13c.dtype)
+        dx_send = dy_send.new_empty(dy_send.shape)
+        acc = torch.promote_types(w13c.dtype, torch.float32)  # fp32 (fp64 in fp64 tests)
+        dw13 = torch.zeros(w13c.shape, dtype=acc, device=w13c.device)
+        dw2 = torch.zeros(w2c.shape, dtype=acc, device=w2c.device)
+        pending = [None] * len(plans)
+
+        def launch(g):  # the reverse of the combine all-to-all: dy to the experts' ranks
+            a, b = bounds[g]
+            pending[g] = all_to_all(dy_send[a:b], plans[g].out_splits, plans[g].in_splits,
+                                    ep_group, async_op=True)
+
+        returns = []
+        if plans:
+            launch(0)
+        for g, p in enumerate(plans):
+            if g + 1 < len(plans):
+                launch(g + 1)
+            dy_recv, work = pending[g]
+            if work is not None:
+                work.wait()
+            if etp > 1:  # backward of the reduce-scatter: all-gather the rows' gradients
+                dy_recv, _ = all_to_all(dy_recv.repeat(etp, 1), p.etp_sizes,
+                                        [dy_recv.shape[0]] * etp, etp_group)
+            perm, inv, offs, counts = dev_plans[g]
+            xg, hg = flat[2 * g], flat[2 * g + 1]
+            dyg = dy_recv.index_select(0, perm)
+            dxg, dw13g, dw2g = swiglu_backward(dyg, xg, hg, w13c, w2c, offs, counts)
+            dw13 += dw13g
+            dw2 += dw2g
+            dx_arrival = dxg.index_select(0, inv)
+            n_recv = sum(p.out_splits)
+            if etp > 1:  # backward of the all-gather: sum the copies, keep this rank's rows
+                part, _ = all_to_all(dx_arrival, [n_recv] * etp, p.etp_sizes, etp_group)
+                dx_arrival = part.view(etp, n_recv, -1).sum(0)
+            a, b = bounds[g]
+            returns.append(all_to_all(dx_arrival, p.in_splits, p.out_splits, ep_group,
+                                      async_op=True) + ((a, b),))
+        for out, work, (a, b) in returns:
+            if work is not None:
+                work.wait()
+            dx_send[a:b] = out
+        return (dx_send, dw13.to(ctx.wdtypes[0]), dw2.to(ctx.wdtypes[1]), None, None, None)
+
+
+# ------------------------------------------------------------------------------- dispatcher
+class AllToAllDispatcher:
+    """The MoE seam over the expert grid (see the module docstring)."""
+
+    def __init__(self, ep_group, etp_group, num_experts: int, overlap_groups: int = 1):
+        self.ep_group, self.etp_group = ep_group, etp_group
+        self.ep, self.etp = _size(ep_group), _size(etp_group)
+        self.num_experts = num_experts
+        self.groups = max(1, int(overlap_groups))
+        self.host_syncs = 0  # counted for tests: one per layer call
+
+    def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
+        E, G, ep, etp = self.num_experts, self.groups, self.ep, self.etp
+        El = E // ep
+        T, K = routing.idx_TK.shape
+        dev = x_TD.device
+        # 1. sort the kept slots by (group, expert); group = contiguous token range
+        tok = torch.arange(T, device=dev).repeat_interleave(K)
+        grp = (tok * G) // max(T, 1)
+        flat_e = routing.idx_TK.reshape(-1)
+        keep = routing.keep_TK.reshape(-1)
+        key = torch.where(keep, grp * E + flat_e, torch.full_like(flat_e, G * E))
+        order = torch.argsort(key, stable=True)
+        counts_GE = torch.bincount(key, minlength=G * E + 1)[:G * E]
+        # 2. counts: EP all-to-all, ETP all-gather, one host sync
+        send = counts_GE.view(G, ep, El).transpose(0, 1).contiguous()  # [ep(dest), G, El]
+        recv, _ = all_to_all(send.view(ep, -1), [1] * ep, [1] * ep, self.ep_group)
+        recv_all = all_gather_dim0(recv.reshape(1, -1).contiguous(), self.etp_group)
+        host = torch.cat([counts_GE, recv_all.reshape(-1)]).cpu()  # the layer's one sync
+        self.host_syncs += 1
+        cge = host[:G * E].view(G, ep, El)
+        rall = host[G * E:].view(etp, ep, G, El)  # [etp member, src EP rank, group, expert]
+        plans = [_GroupPlan(cge[g].tolist(), rall[:, :, g, :].tolist(), _rank(self.etp_group))
+                 for g in range(G)]
+        n_keep = int(cge.sum())
+        # 3. rows out (kept slots only), through the pipeline, back
+        dt = compute_dtype(x_TD)
+        inv = inverse(order)
+        x_send = gather_slots(x_TD.to(dt), order[:n_keep], inv, K)
+        y_send = _ExpertPipeline.apply(x_send, experts.w13, experts.w2, plans,
+                                       self.ep_group, self.etp_group)
+        # 4. unpermute (dropped slots: zeros) and combine in fp32
+        return combine_slots(y_send, order, inv, routing)
+
+
+# --------------------------------------------------------------------------------- sharding
+def expert_slices(num_experts: int, ffn: int, ep: int, ep_rank: int, etp: int, etp_rank: int):
+    El, Fl = num_experts // ep, ffn // etp
+    return slice(ep_rank * El, (ep_rank + 1) * El), slice(etp_rank * Fl, (etp_rank + 1) * Fl)
+
+
+def local_w13(full: torch.Tensor, es: slice, fs: slice) -> torch.Tensor:
+    """This rank's [El, 2·Fl, D] of a full [E, 2F, D] (W1 rows, then W3 rows, of the F slice)."""
+    E, F2, D = full.shape
+    v = full[es].reshape(es.stop - es.start, 2, F2 // 2, D)[:, :, fs]
+    return v.reshape(es.stop - es.start, 2 * (fs.stop - fs.start), D)
+
+
+def local_w2(full: torch.Tensor, es: slice, fs: slice) -> torch.Tensor:
+    return full[es][:, :, fs]
+
+
+def full_w13(local: torch.Tensor, ep_group, etp_group) -> torch.Tensor:
+    """Inverse of :func:`local_w13` (collective over ETP then EP)."""
+    El, F2l, D = local.shape
+    parts = all_gather_dim0(local.reshape(El, 2, F2l // 2, D).movedim(2, 0).contiguous(),
+                            etp_group)  # [etp·Fl, El, 2, D]
+    w = parts.movedim(0, 2).reshape(El, -1, D).contiguous()
+    return all_gather_dim0(w, ep_group)
+
+
+def full_w2(local: torch.Tensor, ep_group, etp_group) -> torch.Tensor:
+    parts = all_gather_dim0(local.movedim(2, 0).contiguous(), etp_group)  # [F, El, D]
+    w = parts.movedim(0, 2).contiguous()
+    return all_gather_dim0(w, ep_group)
+
+
+def shard_moe(moe, ep_group, etp_group, overlap_groups: int):
+    """Keep this rank's experts and F slice of one MoE layer and install the all-to-all
+    dispatcher; returns (local_fn, full_fn) pairs for ``w13`` and ``w2``."""
+    E, F2 = moe.experts.w13.shape[0], moe.experts.w13.shape[1]
+    ep, etp = _size(ep_group), _size(etp_group)
+    es, fs = expert_slices(E, F2 // 2, ep, _rank(ep_group), etp, _rank(etp_group))
+    ex = moe.experts
+    with torch.no_grad():
+        ex.w13 = torch.nn.Parameter(local_w13(ex.w13.detach(), es, fs).clone())
+        ex.w2 = torch.nn.Parameter(local_w2(ex.w2.detach(), es, fs).clone())
+    moe.dispatcher = AllToAllDispatcher(ep_group, etp_group, E, overlap_groups)
+    return ((lambda full: local_w13(full, es, fs), lambda loc: full_w13(loc, ep_group, etp_group)),
+            (lambda full: local_w2(full, es, fs), lambda loc: full_w2(loc, ep_group, etp_group)))
+
+
+def shard_experts(model, ep_group, etp_group, overlap_groups: int) -> dict:
+    """:func:`shard_moe` for every layer; ``{fqn: (local_fn, full_fn)}`` of the expert
+    parameters (checkpoints gather and slice through them)."""
+    layouts = {}
+    for i, layer in enumerate(model.layers):
+        l13, l2 = shard_moe(layer.moe, ep_group, etp_group, overlap_groups)
+        layouts[f"layers.{i}.moe.experts.w13"] = l13
+        layouts[f"layers.{i}.moe.experts.w2"] = l2
+    return layouts
