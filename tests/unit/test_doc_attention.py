@@ -145,6 +145,7 @@ def test_block_mask_is_exactly_the_document_mask(segs):
 
 
 @pytest.mark.skipif(not flex_available(), reason="this torch has no FlexAttention")
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("segs", [
     Segments.from_cu([0, 1, 150, 260], 260),
     Segments([(0, 20), (140, 141)], [(30, 200), (200, 230)], False, 260, 230),
