@@ -353,12 +353,7 @@ class DocSoftmaxOp:
                 bm = doc_block_mask(doc, doc, cu[:-1].to(torch.int32), cu[1:].to(torch.int32),
                                     True, T, T)
                 cu_seqlens._doc_block_mask = (key, bm)
-            from torch.nn.attention.flex_attention import flex_attention
-
-            fn = _flex_fn() if self.attn.impl != "flex_eager" else flex_attention
-            H, G = q_THK.shape[1], k_TGK.shape[1]
-            out = fn(q_THK.transpose(0, 1)[None], k_TGK.transpose(0, 1)[None],
-                     v_TGK.transpose(0, 1)[None], block_mask=bm, scale=scale, enable_gqa=H != G)
-            return out[0].transpose(0, 1)
+            # the same call (with LSE) as the ring's steps: one compiled graph serves both
+            return _flex_call(q_THK, k_TGK, v_TGK, bm, scale, self.attn.impl != "flex_eager")[0]
         segs = Segments.from_cu([int(x) for x in cu_seqlens.tolist()], T)
         return _DocAttnFn.apply(q_THK, k_TGK, v_TGK, segs, scale, self.attn)

@@ -158,3 +158,16 @@ def test_eager_flex_forward_matches_reference(segs):
     o_f, l_f = flex.forward(q, k, v, segs, 0.25)
     torch.testing.assert_close(o_f.float(), o_r, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(l_f, l_r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not flex_available(), reason="this torch has no FlexAttention")
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_doc_softmax_op_flex_path_forward_matches_reference():
+    """DocSoftmaxOp's FlexAttention path (block mask built on the device from cu_seqlens),
+    forward only on CPU (eager FlexAttention has no CPU backward)."""
+    cu = torch.tensor([0, 1, 130, 131, 300], dtype=torch.int32)
+    q, k, v = _qkv(300, 300, H=4, G=2, K=16, dtype=torch.float32, seed=4)
+    with torch.no_grad():
+        got = DocSoftmaxOp("flex_eager")(q, k, v, cu, 0.25)
+        want = DocSoftmaxOp("reference")(q, k, v, cu, 0.25)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
