@@ -27,6 +27,10 @@ def _info(args: list[str]) -> int:
 
     as_json = "--json" in args
     cfg = load_config([a for a in args if a != "--json"])
+    from mmtrain.parallel.apply import check_context
+    from mmtrain.parallel.context import layout_summary
+
+    check_context(cfg)
     acct = account(cfg.model, cfg.data.seq_len)
     if as_json:
         print(json.dumps(acct.as_dict()))
@@ -48,6 +52,7 @@ def _info(args: list[str]) -> int:
         print(f"slopes layer {l0}: " + ", ".join(f"{x:.4g}" for x in s[:4].tolist())
               + (" ..." if m.num_heads > 4 else ""))
     print(f"DeepNorm alpha {m.deepnorm_alpha:.6f}, beta {m.deepnorm_beta:.6f} ({m.norm_scheme})")
+    print(layout_summary(cfg.parallel, cfg.data.seq_len))
     return 0
 
 

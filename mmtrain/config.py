@@ -216,6 +216,9 @@ class ParallelConfig:
     # routes each TP rank's sequence shard); false with tp > 1 is rejected.
     sequence_parallel: Optional[bool] = None
     zero1: bool = False  # shard the optimizer state (and fp32 master shard) over DP / EDP
+    # lightning layers under context parallelism: laspplus (all-gather of the per-rank states,
+    # SPEC §6) or lasp (the state passed rank to rank, the serial baseline)
+    cp_lightning: str = "laspplus"
     bucket_mb: float = 40.0  # gradient-reduction bucket size (fp32 MiB)
     order: str = "tp-cp-ep-dp-pp"
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
@@ -230,6 +233,8 @@ class ParallelConfig:
                 _fail(f"{path}.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.dp == 0 or self.dp < -1:
             _fail(f"{path}.dp", f"must be >= 1, or -1 to derive it from the world size, got {self.dp}")
+        if self.cp_lightning not in ("laspplus", "lasp"):
+            _fail(f"{path}.cp_lightning", f"unknown '{self.cp_lightning}'; use laspplus or lasp")
         if self.backend not in ("auto", "gloo", "nccl"):
             _fail(f"{path}.backend", f"unknown '{self.backend}'; use auto, gloo or nccl")
         if self.timeout_s < 1:

@@ -34,8 +34,17 @@ ZeRO shards are all-gathered on save and sliced on load, so any layout loads any
 one full copy of the model and optimizer state per rank during a save or load — fine at CPU and
 small-GPU scale, to be replaced by DTensor-sharded saves for large models.
 
+Context parallelism (cp = C, :mod:`mmtrain.parallel.context`): every rank keeps all of its TP
+shard's weights (replicated over CP); :meth:`Parallel.shard_batch` gives the rank its contiguous
+piece of every row; the lightning cores become LASP+ (or LASP, ``parallel.cp_lightning``), the
+softmax cores Varlen Ring Attention (:mod:`mmtrain.parallel.ring`), the MoE routes the rank's
+tokens with local capacity judged over the TP×CP group (slots ranked by TP×CP rank, then local
+token: the global token order only for one-row micro-batches) and its aux loss over every rank
+(TP×DP×CP). Gradients then reduce over DP×CP (``dp_cp`` for TP-split weights, ``tp_dp_cp`` for
+replicated ones); experts over EDP, which spans DP×CP×TP when ep = etp = 1.
+
 Unsupported layouts fail in :func:`check_layout` (before any process group exists) with a
-ConfigError naming the field: cp and pp > 1 arrive in later issues; TP needs sequence
+ConfigError naming the field: pp > 1 arrives in a later issue; TP needs sequence
 parallelism.
 """
 
@@ -58,15 +67,23 @@ from mmtrain.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, Sl
                                      vocab_parallel_cross_entropy)
 from mmtrain.parallel.topology import Topology
 
-__all__ = ["check_layout", "parallelize", "Parallel", "GROUPS_USED"]
+__all__ = ["check_layout", "check_context", "parallelize", "Parallel", "GROUPS_USED"]
 
 #: Process groups the trainer needs.
-GROUPS_USED = ("tp", "dp", "tp_dp", "tp_dp_cp", "ep", "etp", "edp")
+GROUPS_USED = ("tp", "cp", "dp", "dp_cp", "tp_cp", "tp_dp", "tp_dp_cp", "ep", "etp", "edp")
 
 _LATER = {
-    "cp": "context parallelism (LASP+, ring attention) arrives with parallel/context.py",
     "pp": "pipeline parallelism is not implemented yet",
 }
+
+
+def check_context(cfg: Config) -> None:
+    """The sizes context parallelism needs (pure; also used by ``mmtrain info``)."""
+    c = cfg.parallel.cp
+    if cfg.data.seq_len % c:
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} tokens per row do not split over "
+                          f"parallel.cp={c} (each CP rank holds a contiguous piece of every row); "
+                          f"make it a multiple of {c}")
 
 
 def check_layout(cfg: Config, world: int) -> Topology:
@@ -89,7 +106,8 @@ def check_layout(cfg: Config, world: int) -> Topology:
             raise ConfigError(f"train.global_batch: {cfg.train.global_batch} rows do not split over "
                               f"dp={topo.dp} ranks; make it a multiple of {topo.dp}")
         cfg.train.micro_batch = cfg.train.global_batch // topo.dp
-    m, t = cfg.model, p.tp
+    m, t, c = cfg.model, p.tp, p.cp
+    check_context(cfg)
     if m.num_heads % t:
         raise ConfigError(f"model.num_heads: {m.num_heads} is not divisible by parallel.tp={t}; "
                           f"choose a parallel.tp that divides it")
@@ -100,10 +118,12 @@ def check_layout(cfg: Config, world: int) -> Topology:
         raise ConfigError(f"model.vocab_size: {m.vocab_size} is not divisible by parallel.tp={t} "
                           f"(the vocab-parallel embedding and LM head split it evenly); round "
                           f"model.vocab_size up to a multiple of {t}")
-    if (cfg.train.micro_batch * cfg.data.seq_len) % t:
-        raise ConfigError(f"data.seq_len: micro_batch × seq_len = {cfg.train.micro_batch} × "
-                          f"{cfg.data.seq_len} tokens do not split over parallel.tp={t} "
-                          f"(sequence parallelism); make it a multiple of {t}")
+    if (cfg.train.micro_batch * cfg.data.seq_len // c) % t:
+        per = "micro_batch × seq_len" + (" / cp" if c > 1 else "")
+        raise ConfigError(f"data.seq_len: {per} = {cfg.train.micro_batch} × "
+                          f"{cfg.data.seq_len}{f' / {c}' if c > 1 else ''} tokens do not split "
+                          f"over parallel.tp={t} (sequence parallelism); make seq_len a multiple "
+                          f"of {t * c}")
     # experts split over EP, each expert's width over ETP
     topo.check_model(num_experts=m.num_experts, ffn_hidden_size=m.ffn_hidden_size)
     dp = topo.dp
@@ -175,6 +195,23 @@ def _shard_tensor_parallel(model: nn.Module, tp: int, t: int, group) -> dict:
     return split
 
 
+# ----------------------------------------------------------------------------------- CP ops
+def _shard_context_parallel(model: nn.Module, cp: int, c: int, groups, lightning: str):
+    """Swap the attention cores for their CP versions (the MoE's groups are set by the caller)."""
+    from mmtrain.model.attention import LightningAttention, SoftmaxAttention
+    from mmtrain.parallel.context import ContextLightningOp, ContextParallel
+    from mmtrain.parallel.ring import ContextSoftmaxOp
+
+    cpx = ContextParallel(groups.cp, cp, c, lightning)
+    for layer in model.layers:
+        a = layer.attn
+        if isinstance(a, LightningAttention):
+            a.core = ContextLightningOp(a.core, cpx, lightning)
+        elif isinstance(a, SoftmaxAttention):
+            a.core = ContextSoftmaxOp(cpx)
+    return cpx
+
+
 # ----------------------------------------------------------------------------------- Parallel
 class Parallel:
     """This rank's view of the layout: what the loop calls for everything distributed.
@@ -191,6 +228,8 @@ class Parallel:
         info = topology.rank_info(rank)
         self.tp, self.tp_rank = topology.tp, info.tp
         self.dp, self.dp_rank = topology.dp, info.dp
+        self.cp, self.cp_rank = topology.cp, info.cp
+        self.context = None
         self.vocab_start = 0
         split: dict[str, int] = {}
         self.layouts: dict = {}  # expert params: fqn -> (full -> local, local -> full)
@@ -198,8 +237,14 @@ class Parallel:
         if self.tp > 1:
             split = _shard_tensor_parallel(model, self.tp, self.tp_rank, groups.tp)
             self.vocab_start = self.tp_rank * (model.cfg.vocab_size // self.tp)
+        if self.cp > 1:
+            self.context = _shard_context_parallel(model, self.cp, self.cp_rank, groups,
+                                                   pcfg.cp_lightning)
         if self.distributed:
-            model.set_balance(GroupBalance(model.cfg.global_routing, groups.tp_dp_cp, groups.tp))
+            # aux loss over every rank's tokens; local capacity over the ranks that split one
+            # micro-batch (TP, and CP under context parallelism)
+            cap = groups.tp_cp if self.cp > 1 else groups.tp
+            model.set_balance(GroupBalance(model.cfg.global_routing, groups.tp_dp_cp, cap))
             if topology.ep * topology.etp > 1:
                 self.layouts = shard_experts(model, groups.ep, groups.etp,
                                              pcfg.moe_overlap_groups)
@@ -208,19 +253,29 @@ class Parallel:
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
+            cp = "_cp" if self.cp > 1 else ""  # replicas over CP see other tokens: sum them too
             if ".moe.experts." in name:
                 group = "edp"
             elif name in split:
-                group = "dp"
+                group = "dp" + cp
             else:
-                group = "tp_dp" if self.tp > 1 else "dp"
+                group = ("tp_dp" if self.tp > 1 else "dp") + cp
             self.infos.append(ParamInfo(name, p, group, full_shapes[name], split.get(name),
                                         decay=p.dim() >= 2))
         self.sync: Optional[GradSync] = None
         if self.distributed:
-            pgs = {"dp": groups.dp, "tp_dp": groups.tp_dp, "edp": groups.edp}
+            pgs = {"dp": groups.dp, "tp_dp": groups.tp_dp, "edp": groups.edp,
+                   "dp_cp": groups.dp_cp, "tp_dp_cp": groups.tp_dp_cp}
             self.sync = GradSync(self.infos, pgs, pcfg.bucket_mb, pcfg.zero1,
                                  overlap=device.type == "cuda", device=device)
+
+    # ------------------------------------------------------------------------------ data
+    def shard_batch(self, batch, device):
+        """This rank's part of a micro-batch on ``device``: under CP the contiguous piece of
+        every row (with its CP plan), else the batch itself."""
+        if self.context is None:
+            return batch.to(device)
+        return self.context.shard_batch(batch, device)
 
     # ------------------------------------------------------------------------------ loss
     def token_ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,25 @@ attention) per module, without globals.
   q, k, v: [1, T, H, K]; the Triton kernel on CUDA, the torch block form elsewhere.
 * ``SoftmaxOp(q, k, v, cu_seqlens, scale) -> o``
   q: [T, H, K], k, v: [T, G, K]; causal within each sequence, nothing across sequences.
+
+Which softmax op runs where: the model's default core is :class:`SoftmaxOp` (flash-attn's varlen
+kernel on CUDA when installed, else one SDPA call per document — a host sync and a launch per
+document; said once in the log on CUDA). :class:`mmtrain.model.doc_attention.DocSoftmaxOp` is the
+document-masked alternative with the same interface (FlexAttention with a block mask on CUDA, no
+host sync; the exact torch reference on CPU). Under context parallelism the softmax cores are
+Varlen Ring Attention (:mod:`mmtrain.parallel.ring`) around
+:class:`mmtrain.model.doc_attention.DocAttention` (the same two implementations, returning the
+log-sum-exp).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 class LightningOp:
@@ -56,6 +69,8 @@ class SoftmaxOp:
     CUDA with flash-attn installed: ``flash_attn_varlen_func``. Otherwise SDPA one sequence at a
     time (exact per document on every device)."""
 
+    _said = False  # the slow CUDA path is logged once per process
+
     def __call__(self, q_THK, k_TGK, v_TGK, cu_seqlens, scale: float):
         H, G = q_THK.shape[1], k_TGK.shape[1]
         if q_THK.is_cuda and q_THK.dtype in (torch.float16, torch.bfloat16):
@@ -64,6 +79,11 @@ class SoftmaxOp:
                 cu = cu_seqlens.to(torch.int32)
                 mx = int((cu[1:] - cu[:-1]).max())
                 return fn(q_THK, k_TGK, v_TGK, cu, cu, mx, mx, softmax_scale=scale, causal=True)
+        if q_THK.is_cuda and not SoftmaxOp._said:
+            SoftmaxOp._said = True
+            log.warning("softmax attention: one SDPA call per document on CUDA (flash-attn not "
+                        "installed or not half precision); mmtrain.model.doc_attention."
+                        "DocSoftmaxOp (FlexAttention) is the document-masked alternative")
         out = torch.empty_like(q_THK)
         rep = H // G
         bounds = cu_seqlens.tolist()

@@ -6,12 +6,14 @@ loss tokens (counted across ranks before the first backward). The aux loss of a 
 over layers of E·Σ f·m with f and m over the step's whole global batch (every rank, every
 micro-batch; ``mmtrain.model.moe``: exact without accumulation, running counts with it), times
 ``aux_loss_coef``; the logged ``aux_loss`` is always the exact global-batch value. Gradients are
-summed across data-parallel ranks.
+summed across data-parallel (and context-parallel) ranks.
 
 Everything distributed goes through the :class:`mmtrain.parallel.apply.Parallel` handle that
 ``parallelize`` returns (TP/SP sharding, vocab-parallel loss, bucketed gradient reduction over
 DP/EDP, ZeRO-1, global-norm clipping, full-tensor checkpoints); in a single process it is plain
-PyTorch. TP ranks of one DP rank see the same data and compute the same loss.
+PyTorch. TP ranks of one DP rank see the same data and compute the same loss; CP ranks of one DP
+rank read the same rows and each keeps its contiguous piece of every row (``par.shard_batch``), so
+token counts and LM-loss sums are reduced over DP×CP.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch.distributed as dist
 from mmtrain.config import Config, ConfigError
 from mmtrain.model.moe import step_summary
 from mmtrain.parallel.apply import check_layout
+from mmtrain.parallel.context import layout_summary
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train.metrics import MetricsLogger, peak_flops
 from mmtrain.train.optim import lr_at, set_lr
@@ -172,16 +175,17 @@ def train(cfg: Config) -> TrainResult:
                           f"do (raise train.max_steps to train on)"
                           if start_step >= tcfg.max_steps else ""))
     logger.message(f"model: {acct.params_total / 1e6:.2f}M params "
-                   f"({acct.params_active / 1e6:.2f}M active), {world} process(es) on {device}")
+                   f"({acct.params_active / 1e6:.2f}M active), {world} process(es) on {device}; "
+                   + layout_summary(cfg.parallel, cfg.data.seq_len, topology.dp))
     result = TrainResult(run_dir=str(run_dir), final_step=start_step)
 
     with GracefulStop(announce=rank == 0) as stopper:
         try:
             for step in range(start_step, tcfg.max_steps):
                 t0 = time.time()
-                micro = [b.to(device) for b in loader.next_step()]
+                micro = [par.shard_batch(b, device) for b in loader.next_step()]  # CP: a piece
                 n_tok = torch.tensor([float(sum(b.loss_mask.sum().item() for b in micro))])
-                n_tok = max(par.all_reduce(n_tok, "dp").item(), 1.0)
+                n_tok = max(par.all_reduce(n_tok, "dp_cp").item(), 1.0)  # CP: pieces of rows
                 model.begin_step(tcfg.global_batch * cfg.data.seq_len)  # tokens routed, all ranks
                 lm_sum = torch.zeros((), dtype=torch.float64)
                 for i, batch in enumerate(micro):
@@ -193,7 +197,7 @@ def train(cfg: Config) -> TrainResult:
                     par.prepare_backward(last_micro_batch=i == len(micro) - 1)
                     loss.backward()
                     lm_sum += lm.detach().double().cpu()
-                stats = par.all_reduce(lm_sum.view(1), "dp")
+                stats = par.all_reduce(lm_sum.view(1), "dp_cp")  # CP ranks hold pieces of it
                 # MoE statistics of every rank's own tokens, plus the stop flag: one reduction
                 moe = model.moe_stats()
                 flat = torch.cat([moe.reshape(-1).cpu(),

@@ -23,7 +23,8 @@ TINY = ["model.hidden_size=32", "model.num_heads=2", "model.num_kv_heads=1",
     (["parallel.ep=3"], 3, "model.num_experts"),               # 4 experts over 3 EP ranks
     (["parallel.etp=2", "model.ffn_hidden_size=33"], 2, "model.ffn_hidden_size"),
     (["parallel.ep=4"], 2, "parallel.ep"),                     # more EP ranks than the world
-    (["parallel.cp=2"], 2, "parallel.cp"),
+    (["parallel.cp=3"], 3, "data.seq_len"),  # 32 tokens per row do not split over 3
+    (["parallel.cp=2", "parallel.tp=2", "data.seq_len=34"], 4, "data.seq_len"),  # 17 over tp 2
     (["parallel.pp=2"], 2, "parallel.pp"),
     (["parallel.tp=2", "parallel.dp=2"], 2, "parallel.dp"),
     (["parallel.tp=4", "model.num_heads=4", "model.num_kv_heads=1"], 4, "model.vocab_size"),
@@ -35,6 +36,11 @@ def test_unsupported_layouts_fail_naming_the_field(overrides, world, field):
     cfg = load_config(TINY + overrides)
     with pytest.raises(ConfigError, match=f"^{field}:"):
         check_layout(cfg, world)
+
+
+def test_unknown_cp_lightning_fails_naming_the_field():
+    with pytest.raises(ConfigError, match="^parallel.cp_lightning: unknown 'ring'; use laspplus"):
+        load_config(TINY + ["parallel.cp=2", "parallel.cp_lightning=ring"])
 
 
 def test_overlap_groups_must_be_positive():
@@ -49,6 +55,18 @@ def test_supported_layout_gives_topology():
     assert (topo.tp, topo.dp, topo.ep, topo.etp, topo.edp) == (2, 2, 4, 1, 1)
     topo = check_layout(load_config(TINY + ["parallel.ep=2", "parallel.etp=2"]), 4)
     assert (topo.dp, topo.ep, topo.etp, topo.edp) == (4, 2, 2, 1)
+
+
+def test_cp_layout_groups():
+    """cp=2 × tp=2 × dp=2: dense grads reduce over DP×CP (TP-split) or TP×DP×CP (replicated);
+    with ep = etp = 1 the experts' EDP group spans every rank (DP×CP×TP)."""
+    cfg = load_config(TINY + ["parallel.tp=2", "parallel.cp=2"])
+    topo = check_layout(cfg, 8)
+    assert (topo.tp, topo.cp, topo.dp, topo.edp) == (2, 2, 2, 8)
+    assert topo.groups("edp") == [list(range(8))]
+    assert topo.groups("cp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert topo.groups("dp_cp") == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert topo.groups("tp_dp_cp") == [list(range(8))]
 
 
 # ------------------------------------------------------------------------- TP building blocks

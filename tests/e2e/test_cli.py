@@ -42,3 +42,14 @@ def test_info_prints_layout_and_counts():
     out = run_cli("info")
     assert out.returncode == 0, out.stderr
     assert "layout: LLLS" in out.stdout and "params total" in out.stdout
+
+
+def test_info_shows_the_context_parallel_layout_and_checks_it():
+    out = run_cli("info", "parallel.cp=4", "data.seq_len=1024", "parallel.cp_lightning=lasp")
+    assert out.returncode == 0, out.stderr
+    assert ("cp4" in out.stdout and "256 contiguous tokens of every 1024-token row" in out.stdout
+            and "lightning LASP," in out.stdout and "varlen ring attention" in out.stdout)
+    bad = run_cli("info", "parallel.cp=3", "data.seq_len=1024")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("error: data.seq_len: 1024 tokens per row do not split "
+                                         "over parallel.cp=3"), bad.stderr

@@ -1,0 +1,378 @@
+"""Context parallelism (SPEC §6): CP sharding of packed batches, LASP+ and LASP for the lightning
+layers. Varlen Ring Attention for the softmax layers is in :mod:`mmtrain.parallel.ring`.
+
+Legend: C CP size, r this rank's CP index, B rows of the micro-batch, T row length, Tl = T / C
+the tokens of one rank per row, H (local) heads, K/V head dims, N local document pieces.
+
+**Sharding** (:meth:`ContextParallel.shard_batch`). Every CP rank of a DP replica reads the same
+micro-batch; rank r keeps the contiguous piece ``[r·Tl, (r+1)·Tl)`` of every row, so its local
+packed stream is ``B·Tl`` tokens (row b's piece at ``[b·Tl, (b+1)·Tl)``). The local
+``cu_seqlens`` are the global document boundaries clipped to the pieces (a piece edge is always a
+local boundary); ``position_ids`` are sliced, so a document that began on an earlier rank keeps
+its true positions; labels and the loss mask are sliced alike. The :class:`CPPlan` of the
+micro-batch (host-side, computed from the global batch every rank holds, so it needs no
+communication) rides on the local ``cu_seqlens`` tensor; the CP ops read it from there.
+
+For row b the plan records whether rank r's first local token continues a document that began
+on an earlier rank (``cont``), how many local rows precede the first local document start
+(``first``), where that document began (``doc_start``, row coordinate) and, for every rank j,
+whether rank j's piece contains a document start (``has_start[j][b]``).
+
+**LASP+** (:class:`_LaspPlus`, SPEC §6). Forward: (1) KV_r[b], the local state of the last
+piece of row b from a zero start (``Σ_j λ^(L-1-j) k_jᵀ v_j``, a GEMM over that piece's rows);
+(2) one all-gather of the fp32 states ``[C, B, H, K, V]`` (size independent of the sequence
+length); (3) ``KV_in(r)[b] = Σ_{s ≤ j < r} λ^((r-1-j)·Tl) KV_j[b]`` with s the nearest earlier
+rank whose piece of row b contains a document start (included; the chain resets there); (4) the
+local output with the correction ``diag(λ^(i+1)) Q KV_in`` on the rows before the first local
+document start only. Step 4 is *fused*: the local op runs once with ``KV_in`` as the initial
+state of the piece's first segment (zero elsewhere), which is exactly the zero-state output plus
+that correction (the op is linear in its initial state) — computed in the kernel's inter-block
+product instead of extra passes over q and o. The price is step 1 as a separate GEMM before the
+op (a separate pass over the last piece's k and v) and that the tiny all-gather no longer
+overlaps the local op. Backward, mirrored: ``dKV_in(r)[b] = Σ_{i<first} λ^(i+1) q_iᵀ dO_i`` (a
+GEMM over the corrected rows), one all-gather of those, the decayed suffix
+``dKV_r[b] = Σ_{r' > r, no start in ranks r+1..r'-1} λ^((r'-1-r)·Tl) dKV_in(r')[b]`` fed to the
+local backward as the gradient of its final state (it gives dk, dv of KV_r), while the initial
+state gives dq its ``λ^(i+1) KV_in dO_i`` term inside the kernel. Autograd never runs through a
+collective.
+
+**LASP** (:class:`_Lasp`, the baseline): rank r receives the true state at the end of rank r-1's
+pieces, runs the local op with it as the initial state of its first piece of every row that
+continues a document, and sends its own final states on; the backward sends the gradient of the
+initial state back the same way. Serial in C both ways.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mmtrain.data.batch import Batch
+
+__all__ = ["CPPlan", "make_plan", "shard_batch", "ContextParallel", "ContextLightningOp",
+           "LIGHTNING_MODES", "layout_summary"]
+
+LIGHTNING_MODES = ("laspplus", "lasp")
+
+
+def layout_summary(pcfg, seq_len: int, dp=None) -> str:
+    """One line: the dense layout and, under CP, how rows are split and which algorithms run."""
+    d = pcfg.dp if dp is None else dp
+    line = (f"layout dp{d if d != -1 else '(derived)'} × cp{pcfg.cp} × tp{pcfg.tp}"
+            f"{' (sp)' if pcfg.tp > 1 else ''}{', zero1' if pcfg.zero1 else ''}")
+    if pcfg.cp > 1:
+        name = {"laspplus": "LASP+", "lasp": "LASP"}.get(pcfg.cp_lightning, pcfg.cp_lightning)
+        line += (f"; context parallel: each of {pcfg.cp} ranks holds {seq_len // pcfg.cp} "
+                 f"contiguous tokens of every {seq_len}-token row; lightning {name}, softmax "
+                 f"varlen ring attention")
+    return line
+
+
+# ----------------------------------------------------------------------------------- the plan
+@dataclass
+class CPPlan:
+    """What the CP ops of rank ``rank`` need to know about one micro-batch (host-side)."""
+
+    cp: int
+    rank: int
+    rows: int  # B
+    Tl: int  # tokens per rank per row
+    cu: list  # local cu_seqlens (ints, over B·Tl)
+    cont: list  # [B] bool: the first local token continues a document from an earlier rank
+    first: list  # [B] local rows before the first document start in the piece (Tl if none)
+    doc_start: list  # [B] row coordinate where the document of the first local token began
+    has_start: list  # [C][B] bool: rank j's piece of row b contains a document start
+    first_seg: list  # [B] index (in the local segments) of the piece's first segment
+    last_seg: list  # [B] index of the piece's last segment
+    ring_hops: int  # hops of K/V around the ring the batch needs (same on every rank)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.Tl
+
+    def chain_mask(self) -> np.ndarray:
+        """[C (receiver r), C (sender j), B] bool: KV_j is in KV_in(r) for row b."""
+        C, B = self.cp, self.rows
+        m = np.zeros((C, C, B), dtype=bool)
+        for b in range(B):
+            for r in range(1, C):
+                for j in range(r - 1, -1, -1):
+                    m[r, j, b] = True
+                    if self.has_start[j][b]:
+                        break
+        return m
+
+
+def _piece_info(starts: np.ndarray, b: int, T: int, Tl: int, j: int):
+    """Sorted local starts (0..Tl-1) of rank j's piece of row b, and the doc start (row coords)
+    of its first token."""
+    a = b * T + j * Tl
+    lo, hi = np.searchsorted(starts, a), np.searchsorted(starts, a + Tl)
+    local = (starts[lo:hi] - a).tolist()
+    k = np.searchsorted(starts, a, side="right") - 1  # last start <= a
+    return local, int(starts[k]) - b * T
+
+
+def make_plan(cu_seqlens, rows: int, T: int, cp: int, rank: int) -> CPPlan:
+    """The :class:`CPPlan` of rank ``rank`` for a global micro-batch of ``rows`` rows of ``T``
+    tokens whose document boundaries (over the flattened batch) are ``cu_seqlens``."""
+    if T % cp:
+        raise ValueError(f"row length {T} does not split over cp={cp}")
+    Tl = T // cp
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    starts = np.unique(cu[:-1])
+    if not len(starts) or starts[0] != 0 or cu[-1] != rows * T:
+        raise ValueError(f"cu_seqlens must run from 0 to rows·T = {rows * T}")
+    if any((b * T) not in set(starts.tolist()) for b in range(rows)):
+        raise ValueError("every row must start a document (row edges are sequence boundaries)")
+    has_start = [[False] * rows for _ in range(cp)]
+    hops = 0
+    mine = None
+    for j in range(cp):
+        for b in range(rows):
+            local, ds = _piece_info(starts, b, T, Tl, j)
+            has_start[j][b] = bool(local)
+            if not local or local[0] != 0:  # continues: needs chunks ds//Tl .. j-1
+                hops = max(hops, j - ds // Tl)
+        if j == rank:
+            mine = [_piece_info(starts, b, T, Tl, rank) for b in range(rows)]
+    lcu, first_seg, last_seg, cont, first, doc_start = [], [], [], [], [], []
+    for b, (local, ds) in enumerate(mine):
+        first_seg.append(len(lcu))
+        edges = sorted(set([0] + local))
+        lcu.extend(b * Tl + e for e in edges)
+        last_seg.append(len(lcu) - 1)
+        cont.append(not local or local[0] != 0)
+        first.append(local[0] if local else Tl)
+        doc_start.append(ds)
+    lcu.append(rows * Tl)
+    return CPPlan(cp, rank, rows, Tl, lcu, cont, first, doc_start, has_start, first_seg,
+                  last_seg, hops)
+
+
+def shard_batch(batch: Batch, cp: int, rank: int) -> Batch:
+    """Rank ``rank``'s contiguous piece of every row of ``batch`` (host tensors), with its
+    :class:`CPPlan` attached to the local ``cu_seqlens`` (attribute ``cp_plan``)."""
+    B, T = batch.tokens.shape
+    plan = make_plan(batch.cu_seqlens.tolist(), B, T, cp, rank)
+    sl = slice(rank * plan.Tl, (rank + 1) * plan.Tl)
+    cu = torch.tensor(plan.cu, dtype=torch.int32)
+    out = Batch(batch.tokens[:, sl].contiguous(), batch.labels[:, sl].contiguous(),
+                batch.loss_mask[:, sl].contiguous(), cu, batch.position_ids[:, sl].contiguous())
+    cu.cp_plan = plan
+    return out
+
+
+def plan_of(cu_seqlens) -> CPPlan:
+    plan = getattr(cu_seqlens, "cp_plan", None)
+    if plan is None:
+        raise RuntimeError("context parallelism: these cu_seqlens carry no CP plan; shard the "
+                           "batch with Parallel.shard_batch (mmtrain.parallel.context) before "
+                           "calling the model")
+    return plan
+
+
+# ------------------------------------------------------------------------------------- runtime
+class ContextParallel:
+    """This rank's CP group: sharding, and the collectives the CP ops use."""
+
+    def __init__(self, group, cp: int, rank: int, lightning: str = "laspplus"):
+        if lightning not in LIGHTNING_MODES:
+            raise ValueError(f"lightning must be one of {LIGHTNING_MODES}, got {lightning!r}")
+        self.group, self.cp, self.rank, self.lightning = group, cp, rank, lightning
+        self.ranks = ([dist.get_global_rank(group, i) for i in range(cp)]
+                      if group is not None and cp > 1 else [0])
+
+    def shard_batch(self, batch: Batch, device) -> Batch:
+        """The local piece on ``device``; the plan stays attached to the device cu_seqlens."""
+        local = shard_batch(batch, self.cp, self.rank)
+        plan = local.cu_seqlens.cp_plan
+        out = local.to(device)
+        out.cu_seqlens.cp_plan = plan
+        return out
+
+    # collectives (fp32 states; NCCL needs device tensors, which these are)
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        from mmtrain.parallel.tensor import all_gather_dim0
+
+        return all_gather_dim0(x.contiguous()[None], self.group)
+
+    def send(self, x: torch.Tensor, to: int):
+        return dist.isend(x.contiguous(), self.ranks[to], group=self.group)
+
+    def recv(self, like: torch.Tensor, frm: int) -> torch.Tensor:
+        buf = torch.empty_like(like)
+        dist.recv(buf, self.ranks[frm], group=self.group)
+        return buf
+
+
+# --------------------------------------------------------------------------------- the decays
+def _state_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _chain_coef(plan: CPPlan, slopes, dtype, device, transpose: bool):
+    """[C, B, H]: forward (``transpose=False``) the weights of every rank's KV_j in this rank's
+    KV_in; backward the weights of every rank's dKV_in(r') in this rank's dKV."""
+    key = ("coef", transpose, str(device), dtype)
+    if key not in plan._cache:
+        m = plan.chain_mask()  # [r, j, b]
+        C, r = plan.cp, plan.rank
+        if not transpose:  # over senders j: exponent (r-1-j)·Tl
+            mask = m[r]  # [j, b]
+            expo = np.array([(r - 1 - j) * plan.Tl for j in range(C)], dtype=np.float64)
+        else:  # over receivers r': exponent (r'-1-r)·Tl
+            mask = m[:, r]  # [r', b]
+            expo = np.array([(rp - 1 - r) * plan.Tl for rp in range(C)], dtype=np.float64)
+        expo = np.where(mask, np.maximum(expo, 0.0)[:, None], 0.0)
+        s = slopes.to(device=device, dtype=dtype)
+        coef = torch.exp(-s[None, None, :] * torch.tensor(expo, dtype=dtype, device=device)[..., None])
+        coef = coef * torch.tensor(mask, device=device, dtype=dtype)[..., None]
+        plan._cache[key] = coef
+    return plan._cache[key]
+
+
+_CHUNK = 32768  # rows per state GEMM (bounds the temporaries)
+
+
+def _pieces(a: int, n: int):
+    for c in range(0, n, _CHUNK):
+        yield a + c, c, min(_CHUNK, n - c)
+
+
+def _decayed_gram(x, y, slopes, a: int, n: int, sd, reverse: bool):
+    """``Σ_{i<n} w_i x[a+i]ᵀ y[a+i]`` -> [H, K, V] in ``sd``, per head, with ``w_i = λ^(n-1-i)``
+    (``reverse=False``: the state of rows [a, a+n) from zero) or ``λ^(i+1)`` (``reverse=True``:
+    the gradient of the state entering those rows). Half inputs multiply in their own dtype
+    with fp32 accumulation — the kernel's arithmetic — and each chunk's sum is added in fp32."""
+    out = None
+    lowp = x.dtype in (torch.bfloat16, torch.float16)
+    for st, c, m in _pieces(a, n):
+        i = torch.arange(c, c + m, device=x.device, dtype=sd)
+        e = (i + 1) if reverse else (n - 1 - i)
+        w = torch.exp(-slopes.to(device=x.device, dtype=sd)[:, None] * e[None, :])[..., None]
+        xs = x[st:st + m].transpose(0, 1)  # [H, m, K]
+        xw = xs * w.to(x.dtype) if lowp else xs.to(sd) * w
+        ys = y[st:st + m].transpose(0, 1)
+        part = torch.matmul(xw.transpose(1, 2), ys if lowp else ys.to(sd)).to(sd)
+        out = part if out is None else out + part
+    return out
+
+
+def _corrected_rows(plan: CPPlan):
+    return [(b, b * plan.Tl, plan.first[b]) for b in range(plan.rows)
+            if plan.cont[b] and plan.first[b] > 0]
+
+
+# ---------------------------------------------------------------------------------------- LASP+
+class _LaspPlus(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, slopes, cu, local, cpx, plan):
+        sd = _state_dtype(q)
+        B, H, K, V = plan.rows, q.shape[2], q.shape[3], v.shape[3]
+        kv = torch.zeros(B, H, K, V, dtype=sd, device=q.device)  # KV_r: last pieces, from zero
+        for b in range(B):
+            a0 = plan.cu[plan.last_seg[b]]
+            kv[b] = _decayed_gram(k[0], v[0], slopes, a0, plan.cu[plan.last_seg[b] + 1] - a0, sd,
+                                  reverse=False)
+        kv_all = cpx.all_gather(kv)  # [C, B, H, K, V]
+        coef = _chain_coef(plan, slopes, sd, q.device, transpose=False)  # [C, B, H]
+        kv_in = (coef[..., None, None] * kv_all).sum(0)  # [B, H, K, V]
+        rows = _corrected_rows(plan)
+        init = None
+        if rows:  # the correction diag(λ^(i+1)) Q KV_in, fused: KV_in as the initial state
+            init = torch.zeros(len(plan.cu) - 1, H, K, V, dtype=sd, device=q.device)
+            for b, _, _ in rows:
+                init[plan.first_seg[b]] = kv_in[b]
+        with torch.enable_grad():
+            q_, k_, v_ = (x.detach().requires_grad_() for x in (q, k, v))
+            o, finals = local(q_, k_, v_, slopes, cu, init, True)
+        ctx.graph = (q_, k_, v_, o, finals)
+        ctx.slopes, ctx.cpx, ctx.plan, ctx.sd = slopes, cpx, plan, sd
+        return o.detach()
+
+    @staticmethod
+    def backward(ctx, do):
+        q_, k_, v_, o, finals = ctx.graph
+        plan, slopes, cpx, sd = ctx.plan, ctx.slopes, ctx.cpx, ctx.sd
+        B, H, K, V = plan.rows, q_.shape[2], q_.shape[3], v_.shape[3]
+        dkv_in = torch.zeros(B, H, K, V, dtype=sd, device=do.device)
+        for b, a, n in _corrected_rows(plan):
+            dkv_in[b] = _decayed_gram(q_.detach()[0], do[0], slopes, a, n, sd, reverse=True)
+        d_all = cpx.all_gather(dkv_in)  # [C, B, H, K, V]
+        coef = _chain_coef(plan, slopes, sd, do.device, transpose=True)
+        dkv = (coef[..., None, None] * d_all).sum(0)  # dKV_r [B, H, K, V]
+        dfinal = torch.zeros_like(finals)
+        dfinal[plan.last_seg] = dkv.to(dfinal.dtype)
+        # The local backward: dq includes λ^(i+1) KV_in dO (the initial state), dk and dv the
+        # gradient of KV_r (the final state's dependence on k, v does not involve KV_in).
+        dq, dk, dv = torch.autograd.grad((o, finals), (q_, k_, v_), (do, dfinal))
+        ctx.graph = None
+        return dq, dk, dv, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------- LASP
+class _Lasp(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, slopes, cu, local, cpx, plan):
+        sd = _state_dtype(q)
+        H, K, V = q.shape[2], q.shape[3], v.shape[3]
+        B, r, C = plan.rows, plan.rank, plan.cp
+        N = len(plan.cu) - 1
+        init = torch.zeros(N, H, K, V, dtype=sd, device=q.device)
+        if r > 0:
+            kv_in = cpx.recv(init[:B], r - 1)
+            for b in range(B):
+                if plan.cont[b]:
+                    init[plan.first_seg[b]] = kv_in[b]
+        with torch.enable_grad():
+            q_, k_, v_, init_ = (x.detach().requires_grad_() for x in (q, k, v, init))
+            o, finals = local(q_, k_, v_, slopes, cu, init_, True)
+        if r < C - 1:
+            cpx.send(finals.detach()[plan.last_seg].to(sd), r + 1).wait()
+        ctx.graph = (q_, k_, v_, init_, o, finals)
+        ctx.cpx, ctx.plan = cpx, plan
+        return o.detach()
+
+    @staticmethod
+    def backward(ctx, do):
+        q_, k_, v_, init_, o, finals = ctx.graph
+        plan, cpx = ctx.plan, ctx.cpx
+        B, r, C = plan.rows, plan.rank, plan.cp
+        dfinal = torch.zeros_like(finals)
+        if r < C - 1:
+            d = cpx.recv(finals.detach()[plan.last_seg], r + 1)
+            dfinal[plan.last_seg] = d
+        dq, dk, dv, dinit = torch.autograd.grad((o, finals), (q_, k_, v_, init_), (do, dfinal))
+        if r > 0:
+            out = torch.zeros_like(dinit[:B])
+            for b in range(B):
+                if plan.cont[b]:
+                    out[b] = dinit[plan.first_seg[b]]
+            cpx.send(out, r - 1).wait()
+        ctx.graph = None
+        return dq, dk, dv, None, None, None, None, None
+
+
+class ContextLightningOp:
+    """The lightning seam under CP: LASP+ (default) or LASP around the local op."""
+
+    def __init__(self, local, cpx: ContextParallel, mode: str = "laspplus"):
+        if mode not in LIGHTNING_MODES:
+            raise ValueError(f"cp_lightning must be one of {LIGHTNING_MODES}, got {mode!r}")
+        self.local, self.cpx, self.mode = local, cpx, mode
+
+    def __call__(self, q, k, v, slopes, cu_seqlens=None, initial_state=None,
+                 output_final_state=False):
+        if initial_state is not None or output_final_state:
+            raise NotImplementedError("the CP lightning op owns the states (no initial_state / "
+                                      "final_state through it)")
+        plan = plan_of(cu_seqlens)
+        fn = _LaspPlus if self.mode == "laspplus" else _Lasp
+        return fn.apply(q, k, v, slopes, cu_seqlens, self.local, self.cpx, plan), None

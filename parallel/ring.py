@@ -1,0 +1,213 @@
+"""Varlen Ring Attention (SPEC §6) for the softmax layers under context parallelism.
+
+Legend: C CP size, r this rank's CP index, B rows, Tl tokens per rank per row, T = B·Tl local
+tokens, H query heads, G KV heads, K head dim.
+
+The packed stream is split contiguously (see :mod:`mmtrain.parallel.context`; no per-document
+padding). At hop h rank r holds the K/V of chunk j = r - h:
+
+* h = 0 (diagonal): varlen-causal attention over the local documents (local ``cu_seqlens``);
+* h ≥ 1, j ≥ 0: only the document containing r's first token of a row, when it began on an
+  earlier rank before the end of chunk j: its rows on r (before the first local document start)
+  attend, non-causally, its rows on chunk j (from ``max(doc_start - j·Tl, 0)`` to the piece end).
+  Every other (row, chunk) pair is skipped.
+
+The number of hops is the largest distance any continuing document spans (from the plan, the
+same on every rank); a batch whose documents never cross a rank edge runs no hop at all. Partial
+results merge by log-sum-exp (fp32). The K/V of hop h+1 are in flight (``batch_isend_irecv``)
+while hop h computes; a rank sends only chunks its successor will use.
+
+Backward: the diagonal gradients stay local; K/V go round again (prefetched one hop ahead, like
+the forward) and a dK/dV accumulator follows its chunk (every rank adds the contribution of its
+rows); an accumulator that is complete (after the last hop, or on the last rank) is sent straight
+back to the chunk's owner. Each step's local
+backward uses the final merged (o, lse), so the partial gradients sum exactly.
+
+Load balance: causal contiguous chunks are imbalanced. For one document spanning all C ranks,
+rank r attends ``Tl(Tl+1)/2 + r·Tl²`` (query, key) pairs, so the last rank does about 2C-1 times
+the first rank's work (3× at C=2); documents that never cross an edge cost the same on every
+rank. :func:`causal_work` counts the pairs per rank of a batch (``scripts/bench_context.py``
+reports it next to each rank's measured time). Balancing (e.g. a zig-zag chunk order) would
+break the contiguity LASP+ relies on (both layer kinds must see the same partition of the
+hidden states), so mmtrain keeps contiguous chunks and reports the imbalance; for packed
+batches of documents much shorter than ``Tl`` the imbalance is small.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from mmtrain.model.doc_attention import DocAttention, Segments
+from mmtrain.parallel.context import CPPlan, ContextParallel, plan_of
+
+__all__ = ["ContextSoftmaxOp", "ring_segments", "causal_work"]
+
+
+def diag_segments(plan: CPPlan) -> Segments:
+    key = ("diag",)
+    if key not in plan._cache:
+        plan._cache[key] = Segments.from_cu(plan.cu, plan.tokens)
+    return plan._cache[key]
+
+
+def ring_segments(plan: CPPlan, hop: int):
+    """The off-diagonal segments of hop ``hop`` (chunk r - hop) on this rank, or None."""
+    key = ("hop", hop)
+    if key not in plan._cache:
+        j = plan.rank - hop
+        qs, ks = [], []
+        if j >= 0:
+            Tl = plan.Tl
+            for b in range(plan.rows):
+                if plan.cont[b] and plan.first[b] > 0 and plan.doc_start[b] < (j + 1) * Tl:
+                    qs.append((b * Tl, b * Tl + plan.first[b]))
+                    ks.append((b * Tl + max(plan.doc_start[b] - j * Tl, 0), (b + 1) * Tl))
+        plan._cache[key] = (Segments(qs, ks, False, plan.tokens, plan.tokens) if qs else None)
+    return plan._cache[key]
+
+
+def causal_work(plan_for_rank) -> list:
+    """Attended (query, key) pairs per rank: ``plan_for_rank(r)`` gives rank r's plan."""
+    out = []
+    for r in range(plan_for_rank(0).cp):
+        p = plan_for_rank(r)
+        n = sum((b - a) * (b - a + 1) // 2 for a, b in diag_segments(p).q)
+        for h in range(1, p.ring_hops + 1):
+            s = ring_segments(p, h)
+            if s is not None:
+                n += sum((q1 - q0) * (k1 - k0) for (q0, q1), (k0, k1) in zip(s.q, s.k))
+        out.append(n)
+    return out
+
+
+class _Exchange:
+    """One hop of the ring: send ``tensors`` to r+1 (if it will use them), receive from r-1."""
+
+    def __init__(self, cpx: ContextParallel, tensors, send: bool, recv: bool, shift: int = 1):
+        r, C = cpx.rank, cpx.cp
+        ops = []
+        self.out = None
+        if recv:
+            self.out = [torch.empty_like(t) for t in tensors]
+            ops += [dist.P2POp(dist.irecv, t, cpx.ranks[(r - shift) % C], cpx.group)
+                    for t in self.out]
+        if send:
+            ops += [dist.P2POp(dist.isend, t.contiguous(), cpx.ranks[(r + shift) % C], cpx.group)
+                    for t in tensors]
+        self.ops = ops  # keeps the (contiguous copies of the) sent tensors alive until wait
+        self.reqs = dist.batch_isend_irecv(ops) if ops else []
+
+    def wait(self):
+        for q in self.reqs:
+            q.wait()
+        self.ops = None
+        return self.out
+
+
+def _p2p(cpx: ContextParallel, sends, like, src):
+    """One batch: ``sends`` [(tensor, CP rank)] and receives shaped like ``like`` from CP rank
+    ``src``; waits for all of it and returns the received tensors."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), cpx.ranks[dst], cpx.group) for t, dst in sends]
+    out = [torch.empty_like(t) for t in like]
+    ops += [dist.P2POp(dist.irecv, t, cpx.ranks[src], cpx.group) for t in out]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return out
+
+
+def _merge(o_acc, lse_acc, o, lse):
+    new = torch.logaddexp(lse_acc, lse)
+    w_old = torch.exp(lse_acc - new)
+    w_new = torch.where(torch.isfinite(lse), torch.exp(lse - new), torch.zeros_like(lse))
+    return o_acc * w_old[..., None] + o.to(o_acc.dtype) * w_new[..., None], new
+
+
+class _Ring(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, attn, cpx, plan):
+        r, n, C = plan.rank, plan.ring_hops, plan.cp
+        # Hop h's K/V are in flight while the previous hop computes.
+        ex = (_Exchange(cpx, (k, v), send=r + 1 < C, recv=r >= 1)
+              if n > 0 else None)
+        o, lse = attn.forward(q, k, v, diag_segments(plan), scale)
+        acc = torch.promote_types(o.dtype, torch.float32)
+        o, lse = o.to(acc), lse.to(acc)
+        for h in range(1, n + 1):
+            held = ex.wait()
+            if held is None:
+                break  # r - h < 0: nothing reaches this rank any more, and it sends nothing
+            if h < n:  # pass this chunk on: r+1 uses it at hop h+1
+                ex = _Exchange(cpx, held, send=r + 1 < C, recv=r - (h + 1) >= 0)
+            segs = ring_segments(plan, h)
+            if segs is not None:
+                o_h, lse_h = attn.forward(q, held[0], held[1], segs, scale)
+                o, lse = _merge(o, lse, o_h, lse_h)
+        out = o.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.attn, ctx.cpx, ctx.plan = scale, attn, cpx, plan
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        plan, cpx, attn, scale = ctx.plan, ctx.cpx, ctx.attn, ctx.scale
+        r, n, C = plan.rank, plan.ring_hops, plan.cp
+        # K/V of hop 1 travel while the diagonal backward runs.
+        kv_ex = _Exchange(cpx, (k, v), send=r + 1 < C, recv=r >= 1) if n > 0 else None
+        dq, dk, dv = attn.backward(q, k, v, o, lse, do, diag_segments(plan), scale)
+        acc = torch.promote_types(k.dtype, torch.float32)
+        dq = dq.to(acc)
+        mine = None
+        zeros = lambda: (torch.zeros(k.shape, dtype=acc, device=k.device),  # noqa: E731
+                         torch.zeros(v.shape, dtype=acc, device=v.device))
+        for h in range(1, n + 1):
+            # Per hop, in the same order on every link (r-1 -> r): K/V of hop h (prefetched at
+            # hop h-1), the accumulator of chunk r-h (completed by r-1 at hop h-1), then the
+            # prefetch of hop h+1's K/V, which overlaps this hop's compute.
+            held = kv_ex.wait() if kv_ex is not None else None
+            kv_ex = None
+            grads = None
+            if held is not None:  # r - h >= 0
+                if h >= 2:
+                    grads = tuple(_Exchange(cpx, zeros(), send=False, recv=True).wait())
+                if h < n:
+                    kv_ex = _Exchange(cpx, held, send=r + 1 < C, recv=r - (h + 1) >= 0)
+                grads = grads or zeros()
+                segs = ring_segments(plan, h)
+                if segs is not None:
+                    gq, gk, gv = attn.backward(q, held[0], held[1], o, lse, do, segs, scale)
+                    dq = dq + gq.to(acc)
+                    grads = (grads[0] + gk.to(acc), grads[1] + gv.to(acc))
+            # The accumulator of chunk r-h travels on to r+1, unless it is complete: at its
+            # last hop (h = n) or on the last rank (r = C-1) it goes straight home to rank r-h.
+            # Both, and this rank's own accumulator coming home, go in one batch (posting them
+            # one after another could deadlock: r's send to r+1 is only received at hop h+1,
+            # after r+1's send home to r).
+            done = h == n or r == C - 1
+            sends, recv_from = [], None
+            if held is not None:
+                sends = [(g, r + 1 if not done else r - h) for g in grads]
+            if (h < n and r + h == C - 1) or (h == n and r + n <= C - 1):
+                recv_from = r + h
+            if sends or recv_from is not None:
+                got = _p2p(cpx, sends, zeros() if recv_from is not None else (), recv_from)
+                if recv_from is not None:
+                    mine = got
+        if mine is not None:
+            dk = (dk.to(acc) + mine[0]).to(k.dtype)
+            dv = (dv.to(acc) + mine[1]).to(v.dtype)
+        return dq.to(q.dtype), dk, dv, None, None, None, None
+
+
+class ContextSoftmaxOp:
+    """The softmax seam under CP: Varlen Ring Attention around the local :class:`DocAttention`."""
+
+    def __init__(self, cpx: ContextParallel, attn: DocAttention | None = None):
+        self.cpx = cpx
+        self.attn = attn or DocAttention()
+
+    def __call__(self, q_THK, k_TGK, v_TGK, cu_seqlens, scale: float):
+        plan = plan_of(cu_seqlens)
+        return _Ring.apply(q_THK, k_TGK, v_TGK, scale, self.attn, self.cpx, plan)

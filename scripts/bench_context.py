@@ -1,0 +1,445 @@
+"""Benchmark context parallelism (issue 10) on one or two GPUs: the local softmax op, LASP+ and
+LASP, Varlen Ring Attention. Checks correctness on the device before timing anything.
+
+    torchrun --nproc-per-node 1 scripts/bench_context.py --out bench_context_1gpu.json
+    torchrun --nproc-per-node 2 scripts/bench_context.py --out bench_context_2gpu.json
+    torchrun --nproc-per-node 2 scripts/bench_context.py --cpu-smoke --out /tmp/smoke.json  # CPU, gloo
+
+Sections (bf16, d = 128; fwd+bwd = one forward and one backward; median of --iters timed
+iterations after --warmup; every rank times the same thing and the slowest rank is reported):
+
+1. ``checks``: on the device, the CP ops on a packed batch whose documents cross the rank edge
+   (a length-1 document, a document starting on the edge, a row that is one document) against the
+   single-GPU op on the whole batch: output and q/k/v gradients, max relative error (fails above
+   5e-2, warns above 1e-2). With one process: FlexAttention vs the exact torch reference.
+2. ``softmax_op`` (rank 0): the local softmax op (FlexAttention with a document block mask,
+   mmtrain.model.doc_attention.DocSoftmaxOp) against today's per-document SDPA (SoftmaxOp), on
+   packed batches of 4K–128K tokens, H = 64 query heads over 8 KV heads (MiniMax-Text-01's
+   softmax layer), fwd+bwd ms and speed-up.
+3. ``lightning``: LASP+ and LASP fwd+bwd for H = 8 and 64 at 128K and 512K tokens per GPU, one
+   document per row (the state chains across ranks). CP=1 is the local Triton op; CP=2 (two
+   processes) LASP+ and LASP. ns/token per GPU, per-GPU throughput relative to CP=1 (goal ≥ 0.9),
+   and the communication share: the collectives timed alone (LASP+: the fp32 state all-gathers
+   of forward and backward; LASP: the state send/recv chain) over the op's time.
+4. ``ring``: Varlen Ring Attention on 256K tokens of packed documents of 1K–256K (log-uniform),
+   H = 8 over 1 KV head (one TP=8 shard of MiniMax's softmax layer): CP=1 runs the whole batch on
+   one GPU, CP=2 half per GPU; fraction of ideal scaling = t(CP=1) / (2·t(CP=2)) (goal ≥ 0.7),
+   with each rank's time and its attended (query, key) pairs (the causal load imbalance).
+
+The table is printed last; --out writes every number as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from mmtrain.data.batch import Batch, position_ids_from_cu_seqlens
+from mmtrain.model.doc_attention import DocSoftmaxOp
+from mmtrain.model.ops import LightningOp, SoftmaxOp
+from mmtrain.parallel.context import ContextLightningOp, ContextParallel, make_plan, shard_batch
+from mmtrain.parallel.ring import ContextSoftmaxOp, causal_work
+
+K_DIM = 128
+
+
+# ------------------------------------------------------------------------------------ helpers
+def log(msg):
+    if RANK == 0:
+        print(msg, flush=True)
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def barrier():
+    if WORLD > 1:
+        dist.barrier()
+
+
+def timeit(fn, warmup, iters, together=True):
+    """Median seconds of fn() on this rank (``together``: every rank runs it, and the ranks
+    start each iteration at once; else this rank alone)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    ts = []
+    for _ in range(iters):
+        if together:
+            barrier()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def slowest(x: float) -> float:
+    if WORLD == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=DEV if DEV.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def gather_floats(x: float) -> list:
+    if WORLD == 1:
+        return [x]
+    t = torch.tensor([x], dtype=torch.float64, device=DEV if DEV.type == "cuda" else "cpu")
+    out = [torch.zeros_like(t) for _ in range(WORLD)]
+    dist.all_gather(out, t)
+    return [float(v) for v in out]
+
+
+def slopes_for(H, layer=0, L=80):
+    h = torch.arange(H, dtype=torch.float64)
+    return (2.0 ** (-8.0 * (h + 1) / H) * (1 - layer / (L - 1) + 1e-5)).float()
+
+
+def packed_lengths(total, lo, hi, seed):
+    """Document lengths (log-uniform in [lo, hi]) filling ``total`` tokens exactly."""
+    g = torch.Generator().manual_seed(seed)
+    out, used = [], 0
+    while used < total:
+        u = float(torch.rand((), generator=g))
+        n = int(round(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))))
+        n = max(1, min(n, total - used))
+        out.append(n)
+        used += n
+    return out
+
+
+def cu_of(lengths):
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return cu
+
+
+def rand(shape, seed, scale=1.0, dtype=torch.bfloat16):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return (torch.randn(shape, generator=g, device=DEV) * scale).to(dtype)
+
+
+def local_piece(cu, rows, T):
+    """This rank's CP plan (on the device cu_seqlens) and its token indices, for ``rows`` rows
+    of T tokens (boundaries ``cu`` over the flattened rows) split over WORLD ranks."""
+    tok = torch.zeros(rows, T, dtype=torch.int64)
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    pos = position_ids_from_cu_seqlens(cu_t, rows * T).view(rows, T)
+    local = shard_batch(Batch(tok, tok, tok.float(), cu_t, pos), WORLD, RANK)
+    Tl = T // WORLD
+    cu_l = local.cu_seqlens.to(DEV)
+    cu_l.cp_plan = local.cu_seqlens.cp_plan
+    idx = torch.cat([torch.arange(b * T + RANK * Tl, b * T + (RANK + 1) * Tl) for b in range(rows)])
+    return cu_l, idx.to(DEV)
+
+
+def rel(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+# ------------------------------------------------------------------------------------- checks
+def run_checks(sizes, cpx):
+    R = sizes["check_T"]  # row length; 3 rows
+    h = R // max(WORLD, 2)  # the first rank edge
+    # row 0: a length-1 document, one starting exactly on the edge; row 1: one crossing the
+    # edge; row 2: one document (the state / K/V chain runs through every rank)
+    cu = [0, 1, h // 2, h, R, R + h - 5, R + h + 3, 2 * R, 3 * R]
+    T = 3 * R
+    results = []
+    dt = torch.bfloat16 if DEV.type == "cuda" else torch.float32
+    H = 8
+    q = rand((T, H, K_DIM), 1, 0.3, dt)
+    k = rand((T, H, K_DIM), 2, 0.3, dt)
+    v = rand((T, H, K_DIM), 3, 1.0, dt)
+    w = rand((T, H, K_DIM), 4, 1.0, dt)
+    slopes = slopes_for(H).to(DEV)
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV)
+    if WORLD > 1:
+        cu_l, sl = local_piece(cu, 3, R)
+        ref = LightningOp()
+        ins = [x.clone().requires_grad_() for x in (q, k, v)]
+        o_ref, _ = ref(*(x[None] for x in ins), slopes, cu_t)
+        (o_ref[0].float() * w.float()).sum().backward()
+        for mode in ("laspplus", "lasp"):
+            op = ContextLightningOp(LightningOp(), cpx, mode)
+            li = [x[sl].clone().requires_grad_() for x in (q, k, v)]
+            o, _ = op(*(x[None] for x in li), slopes, cu_l)
+            (o[0].float() * w[sl].float()).sum().backward()
+            err = max([rel(o[0], o_ref[0][sl])] + [rel(a.grad, b.grad[sl]) for a, b in zip(li, ins)])
+            results.append({"check": f"lightning {mode} CP={WORLD} vs 1 GPU", "max_rel_err": err})
+        G = 1
+        q2, k2, v2 = q, k[:, :G].contiguous(), v[:, :G].contiguous()
+        ins = [x.clone().requires_grad_() for x in (q2, k2, v2)]
+        o_ref = DocSoftmaxOp()(*ins, cu_t, 1 / math.sqrt(K_DIM))
+        (o_ref.float() * w.float()).sum().backward()
+        li = [x[sl].clone().requires_grad_() for x in (q2, k2, v2)]
+        o = ContextSoftmaxOp(cpx)(*li, cu_l, 1 / math.sqrt(K_DIM))
+        (o.float() * w[sl].float()).sum().backward()
+        err = max([rel(o, o_ref[sl])] + [rel(a.grad, b.grad[sl]) for a, b in zip(li, ins)])
+        results.append({"check": f"ring attention CP={WORLD} vs 1 GPU", "max_rel_err": err})
+    # the local softmax op (FlexAttention on CUDA) against the exact torch reference
+    G = 1
+    q2, k2, v2 = q.float(), k[:, :G].float(), v[:, :G].float()
+    outs = []
+    for op in (DocSoftmaxOp(), DocSoftmaxOp("reference")):
+        ins = [x.clone().requires_grad_() for x in (q2.to(dt), k2.to(dt), v2.to(dt))]
+        o = op(*ins, cu_t, 1 / math.sqrt(K_DIM))
+        (o.float() * w.float()).sum().backward()
+        outs.append([o] + [x.grad for x in ins])
+    err = max(rel(a, b) for a, b in zip(*outs))
+    results.append({"check": "DocSoftmaxOp (FlexAttention on CUDA) vs torch reference",
+                    "max_rel_err": err})
+    for r in results:
+        r["max_rel_err"] = slowest(r["max_rel_err"])
+        log(f"check: {r['check']}: max rel err {r['max_rel_err']:.2e}")
+        if not r["max_rel_err"] <= 5e-2:
+            raise SystemExit(f"correctness check failed: {r}")
+        if r["max_rel_err"] > 1e-2:
+            log(f"warning: {r['check']} above 1e-2")
+    return results
+
+
+# ------------------------------------------------------------------------------- softmax op
+def bench_softmax_op(sizes, a):
+    out = []
+    if RANK != 0:
+        return out
+    H, G = sizes["sm_heads"]
+    dt = torch.bfloat16 if DEV.type == "cuda" else torch.float32
+    for T in sizes["sm_T"]:
+        lens = packed_lengths(T, sizes["sm_doc"][0], sizes["sm_doc"][1], seed=T)
+        cu = torch.tensor(cu_of(lens), dtype=torch.int32, device=DEV)
+        q = rand((T, H, K_DIM), 5, 0.3, dt).requires_grad_()
+        k = rand((T, G, K_DIM), 6, 0.3, dt).requires_grad_()
+        v = rand((T, G, K_DIM), 7, 1.0, dt).requires_grad_()
+        do = rand((T, H, K_DIM), 8, 1.0, dt)
+        row = {"T": T, "docs": len(lens), "H": H, "G": G}
+        for name, op in (("doc_op", DocSoftmaxOp()), ("per_doc_sdpa", SoftmaxOp())):
+            def f():
+                for x in (q, k, v):
+                    x.grad = None
+                op(q, k, v, cu, 1 / math.sqrt(K_DIM)).backward(do)
+            row[name + "_ms"] = timeit(f, a.warmup, a.iters, together=False) * 1e3
+        row["speedup"] = row["per_doc_sdpa_ms"] / row["doc_op_ms"]
+        log(f"softmax op T={T} docs={len(lens)}: FlexAttention {row['doc_op_ms']:.2f} ms, "
+            f"per-doc SDPA {row['per_doc_sdpa_ms']:.2f} ms")
+        out.append(row)
+    return out
+
+
+# -------------------------------------------------------------------------------- lightning
+def bench_lightning(sizes, a, cpx):
+    out = []
+    for H in sizes["la_H"]:
+        for Tg in sizes["la_T"]:  # tokens per GPU
+            slopes = slopes_for(H).to(DEV)
+            q = rand((1, Tg, H, K_DIM), 9, 0.3).requires_grad_()
+            k = rand((1, Tg, H, K_DIM), 10, 0.3).requires_grad_()
+            v = rand((1, Tg, H, K_DIM), 11, 1.0).requires_grad_()
+            do = rand((1, Tg, H, K_DIM), 12, 1.0)
+            local = LightningOp()
+            row = {"H": H, "T_per_gpu": Tg, "cp": WORLD}
+
+            def run(op, cu):
+                def f():
+                    for x in (q, k, v):
+                        x.grad = None
+                    o, _ = op(q, k, v, slopes, cu)
+                    o.backward(do)
+                return f
+            cu1 = torch.tensor([0, Tg], dtype=torch.int32, device=DEV)
+            row["cp1_ms"] = slowest(timeit(run(local, cu1), a.warmup, a.iters)) * 1e3
+            if WORLD > 1:
+                cu_l, _ = local_piece([0, Tg * WORLD], 1, Tg * WORLD)
+                for mode in ("laspplus", "lasp"):
+                    op = ContextLightningOp(LightningOp(), cpx, mode)
+                    row[f"{mode}_ms"] = slowest(timeit(run(op, cu_l), a.warmup, a.iters)) * 1e3
+                    row[f"{mode}_vs_cp1"] = row["cp1_ms"] / row[f"{mode}_ms"]
+                    row[f"{mode}_ns_per_token"] = row[f"{mode}_ms"] * 1e6 / Tg
+                # the collectives alone
+                st = torch.zeros(1, H, K_DIM, K_DIM, dtype=torch.float32, device=DEV)
+                ag = timeit(lambda: cpx.all_gather(st), a.warmup, a.iters)
+                row["laspplus_comm_ms"] = slowest(2 * ag) * 1e3  # forward + backward
+                row["laspplus_comm_share"] = row["laspplus_comm_ms"] / row["laspplus_ms"]
+
+                def chain():  # forward chain then backward chain of one state per rank
+                    for order in (range(WORLD - 1), range(WORLD - 1, 0, -1)):
+                        for r in order:
+                            nxt = r + 1 if order.step > 0 else r - 1
+                            if RANK == r:
+                                cpx.send(st, nxt).wait()
+                            elif RANK == nxt:
+                                cpx.recv(st, r)
+                row["lasp_comm_ms"] = slowest(timeit(chain, a.warmup, a.iters)) * 1e3
+                row["lasp_comm_share"] = row["lasp_comm_ms"] / row["lasp_ms"]
+            row["cp1_ns_per_token"] = row["cp1_ms"] * 1e6 / Tg
+            log("lightning " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in row.items()))
+            out.append(row)
+            del q, k, v, do
+            if DEV.type == "cuda":
+                torch.cuda.empty_cache()
+    return out
+
+
+# ------------------------------------------------------------------------------------- ring
+def bench_ring(sizes, a, cpx):
+    T = sizes["ring_T"]  # whole batch (all GPUs)
+    H, G = sizes["ring_heads"]
+    lens = packed_lengths(T, sizes["ring_doc"][0], sizes["ring_doc"][1], seed=7)
+    cu = cu_of(lens)
+    dt = torch.bfloat16 if DEV.type == "cuda" else torch.float32
+    q = rand((T, H, K_DIM), 13, 0.3, dt)
+    k = rand((T, G, K_DIM), 14, 0.3, dt)
+    v = rand((T, G, K_DIM), 15, 1.0, dt)
+    do = rand((T, H, K_DIM), 16, 1.0, dt)
+    row = {"T_total": T, "docs": len(lens), "max_doc": max(lens), "H": H, "G": G,
+           "cp": WORLD}
+
+    def run(op, cu_t, sl):
+        qs, ks, vs = (x[sl].detach().clone().requires_grad_() for x in (q, k, v))
+        dos = do[sl]
+
+        def f():
+            for x in (qs, ks, vs):
+                x.grad = None
+            op(qs, ks, vs, cu_t, 1 / math.sqrt(K_DIM)).backward(dos)
+        return f
+    cu_full = torch.tensor(cu, dtype=torch.int32, device=DEV)
+    if RANK == 0 or WORLD == 1:  # CP=1: the whole batch on one GPU
+        row["cp1_ms"] = timeit(run(DocSoftmaxOp(), cu_full, slice(0, T)), a.warmup, a.iters,
+                               together=False) * 1e3
+    else:
+        row["cp1_ms"] = 0.0
+    barrier()
+    row["cp1_ms"] = slowest(row["cp1_ms"])
+    if WORLD > 1:
+        cu_l, sl = local_piece(cu, 1, T)
+        mine = timeit(run(ContextSoftmaxOp(cpx), cu_l, sl), a.warmup, a.iters)
+        per_rank = gather_floats(mine * 1e3)
+        row["cp_ms_per_rank"] = per_rank
+        row["cp_ms"] = max(per_rank)
+        row["ideal_fraction"] = row["cp1_ms"] / (WORLD * row["cp_ms"])
+        row["pairs_per_rank"] = causal_work(lambda r: make_plan(cu, 1, T, WORLD, r))
+        row["ring_hops"] = cu_l.cp_plan.ring_hops
+    log("ring " + ", ".join(f"{k}={v}" for k, v in row.items()))
+    return [row]
+
+
+# ------------------------------------------------------------------------------------- main
+SIZES = {
+    "gpu": {"check_T": 8192, "sm_T": [4096, 16384, 65536, 131072], "sm_doc": (256, 32768),
+            "sm_heads": (64, 8), "la_H": [8, 64], "la_T": [131072, 524288],
+            "ring_T": 262144, "ring_doc": (1024, 262144), "ring_heads": (8, 1)},
+    "smoke": {"check_T": 96, "sm_T": [128, 512], "sm_doc": (8, 128), "sm_heads": (4, 2),
+              "la_H": [2], "la_T": [256], "ring_T": 512, "ring_doc": (16, 512),
+              "ring_heads": (2, 1)},
+}
+
+
+def table(res):
+    lines = []
+    if res["softmax_op"]:
+        lines += ["", "local softmax op, fwd+bwd (H=%d over G=%d KV heads, d=128)" % (
+            res["softmax_op"][0]["H"], res["softmax_op"][0]["G"]),
+            f"{'T':>8} {'docs':>5} {'FlexAttention ms':>17} {'per-doc SDPA ms':>16} {'speed-up':>9}"]
+        for r in res["softmax_op"]:
+            lines.append(f"{r['T']:>8} {r['docs']:>5} {r['doc_op_ms']:>17.3f} "
+                         f"{r['per_doc_sdpa_ms']:>16.3f} {r['speedup']:>9.2f}")
+    lines += ["", f"lightning fwd+bwd, one document per row, CP={WORLD} (ns/token per GPU; "
+              f"vs CP=1 = per-GPU throughput relative to one GPU; comm = collectives alone / op)",
+              f"{'H':>3} {'T/GPU':>8} {'CP=1 ns/tok':>12} " + (
+                  f"{'LASP+ ns/tok':>13} {'vs CP=1':>8} {'comm':>6} {'LASP ns/tok':>12} "
+                  f"{'vs CP=1':>8} {'comm':>6}" if WORLD > 1 else "")]
+    for r in res["lightning"]:
+        s = f"{r['H']:>3} {r['T_per_gpu']:>8} {r['cp1_ns_per_token']:>12.3f} "
+        if WORLD > 1:
+            s += (f"{r['laspplus_ns_per_token']:>13.3f} {r['laspplus_vs_cp1']:>8.3f} "
+                  f"{r['laspplus_comm_share']:>6.1%} {r['lasp_ns_per_token']:>12.3f} "
+                  f"{r['lasp_vs_cp1']:>8.3f} {r['lasp_comm_share']:>6.1%}")
+        lines.append(s)
+    for r in res["ring"]:
+        lines += ["", f"varlen ring attention fwd+bwd: {r['T_total']} tokens, {r['docs']} docs "
+                  f"(max {r['max_doc']}), H={r['H']} over G={r['G']}",
+                  f"CP=1 (whole batch, one GPU): {r['cp1_ms']:.3f} ms"]
+        if WORLD > 1:
+            lines.append(f"CP={WORLD}: {r['cp_ms']:.3f} ms (per rank {', '.join(f'{x:.3f}' for x in r['cp_ms_per_rank'])}); "
+                         f"fraction of ideal scaling {r['ideal_fraction']:.3f}; attended pairs per "
+                         f"rank {r['pairs_per_rank']}; hops {r['ring_hops']}")
+    lines += ["", "checks: " + "; ".join(f"{c['check']}: {c['max_rel_err']:.1e}"
+                                         for c in res["checks"])]
+    return "\n".join(lines)
+
+
+def main():
+    global RANK, WORLD, DEV
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU with gloo")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: softmax_op, "
+                    "lightning, ring")
+    a = ap.parse_args()
+    RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if a.cpu_smoke:
+        DEV = torch.device("cpu")
+        backend = "gloo"
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no GPU visible; use --cpu-smoke to run tiny sizes on CPU")
+        DEV = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(DEV)
+        backend = "nccl"
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if WORLD > 1:
+        dist.init_process_group(backend, timeout=datetime.timedelta(
+            seconds=60 if a.cpu_smoke else 600))
+    cpx = ContextParallel(dist.group.WORLD if WORLD > 1 else None, WORLD, RANK)
+    sizes = SIZES["smoke" if a.cpu_smoke else "gpu"]
+    skip = set(filter(None, a.skip.split(",")))
+    t0 = time.time()
+    res = {"device": torch.cuda.get_device_name(DEV) if DEV.type == "cuda" else platform.processor() or "cpu",
+           "world": WORLD, "torch": torch.__version__, "python": platform.python_version(),
+           "backend": backend, "warmup": a.warmup, "iters": a.iters}
+    try:
+        import triton
+        res["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        res["triton"] = None
+    res["checks"] = run_checks(sizes, cpx)
+    res["softmax_op"] = [] if "softmax_op" in skip else bench_softmax_op(sizes, a)
+    barrier()
+    res["lightning"] = [] if "lightning" in skip else bench_lightning(sizes, a, cpx)
+    res["ring"] = [] if "ring" in skip else bench_ring(sizes, a, cpx)
+    res["wall_s"] = time.time() - t0
+    if RANK == 0:
+        print(table(res), flush=True)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(res, f, indent=1)
+            print(f"wrote {a.out} ({res['wall_s']:.0f} s)")
+    if WORLD > 1:
+        dist.destroy_process_group()
+
+
+RANK, WORLD, DEV = 0, 1, torch.device("cpu")
+
+if __name__ == "__main__":
+    sys.exit(main())
