@@ -22,9 +22,11 @@ Every rank routes its own tokens (its sequence shard under SP, its micro-batch u
 
 Uneven all-gathers and reduce-scatters inside ETP are all-to-alls with repeated / split inputs.
 Step 3 is one autograd Function (:class:`_ExpertPipeline`) whose forward and backward both
-pipeline the groups: group g+1's all-to-all is in flight (async) while group g's expert GEMMs run,
-and group g's return all-to-all overlaps group g+1's GEMMs (``parallel.moe_overlap_groups`` = G;
-1 = no overlap). The groups split each rank's tokens into G contiguous ranges.
+pipeline the groups: on CUDA each group's communication chain (EP all-to-all, then the ETP
+collective) runs on a side stream, so group g+1's dispatch and group g−1's return overlap group
+g's expert GEMMs on the main stream (``parallel.moe_overlap_groups`` = G; 1 = no overlap). EP and
+ETP use different communicators, so their traffic can overlap too. The groups split each rank's
+tokens into G contiguous ranges.
 
 **Capacity and aux** (:class:`GroupBalance`): the aux loss's f and m are summed over every rank
 of the dense grid that holds other tokens (TP×CP×DP of a pipeline stage), so it equals the
@@ -161,59 +163,132 @@ def _to_device(plan: _GroupPlan, device, use_gmm: bool):
 
 
 # --------------------------------------------------------------------------- the pipeline
+class _Streams:
+    """Where the communication chain of a group runs. On CUDA a side stream: a group's EP
+    all-to-all, the ETP collective that depends on it and the reshaping between them are
+    enqueued there (NCCL ops async), so the main stream computes another group's expert GEMMs
+    meanwhile; events order the hand-overs, ``record_stream`` keeps the caching allocator from
+    reusing a buffer still read by the other stream. Elsewhere (gloo on CPU) everything is
+    synchronous on the one thread and these calls do nothing."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.main = torch.cuda.current_stream(device)
+            self.side = torch.cuda.Stream(device)
+
+    def on_side(self):
+        import contextlib
+
+        return torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext()
+
+    def mark(self, stream_name: str):
+        """An event at the current end of ``stream_name`` ('main' or 'side')."""
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(getattr(self, stream_name))
+        return ev
+
+    def wait(self, stream_name: str, ev) -> None:
+        if ev is not None:
+            getattr(self, stream_name).wait_event(ev)
+
+    def used_by(self, t: torch.Tensor, stream_name: str) -> torch.Tensor:
+        if self.cuda:
+            t.record_stream(getattr(self, stream_name))
+        return t
+
+
+def _fetch(st, x, p, ep_group, etp_group, etp, ready_ev):
+    """Rows of one group to the experts' ranks (EP all-to-all) and, with ETP, to every ETP rank
+    of them; enqueued on the side stream. Returns (rows, pending ETP work, event, n_recv)."""
+    with st.on_side():
+        st.wait("side", ready_ev)
+        st.used_by(x, "side")
+        recv, work = all_to_all(x, p.out_splits, p.in_splits, ep_group, async_op=True)
+        if work is not None:
+            work.wait()
+        n = recv.shape[0]
+        work2 = None
+        if etp > 1:
+            recv, work2 = all_to_all(recv.repeat(etp, 1), p.etp_sizes, [n] * etp, etp_group,
+                                     async_op=True)
+        ev = st.mark("side")
+    return recv, work2, ev, n
+
+
+def _arrive(st, fetched):
+    """Make the main stream wait for a fetched group; its rows."""
+    rows, work, ev, n = fetched
+    st.wait("main", ev)
+    if work is not None:
+        work.wait()
+    return st.used_by(rows, "main")
+
+
+def _send_back(st, y, p, n, ep_group, etp_group, etp, ready_ev):
+    """The reverse: ETP reduce-scatter (uneven, as an all-to-all and a sum) then the EP
+    all-to-all home; enqueued on the side stream. Returns (out, pending work, event)."""
+    with st.on_side():
+        st.wait("side", ready_ev)
+        st.used_by(y, "side")
+        if etp > 1:
+            part, work = all_to_all(y, [n] * etp, p.etp_sizes, etp_group, async_op=True)
+            if work is not None:
+                work.wait()
+            y = part.view(etp, n, -1).sum(0)
+        out, work = all_to_all(y, p.in_splits, p.out_splits, ep_group, async_op=True)
+        ev = st.mark("side")
+    return out, work, ev
+
+
 class _ExpertPipeline(torch.autograd.Function):
     """Rows sorted by (group, destination EP rank, expert) -> the experts' outputs in the same
-    layout; collectives and expert GEMMs of the G groups pipelined (forward and backward)."""
+    layout. Per group g: fetch (EP all-to-all, ETP all-gather) on the side stream, expert GEMMs
+    on the main stream, send back (ETP reduce-scatter, EP all-to-all) on the side stream; group
+    g+1 is fetched while group g computes, and group g goes home while g+1 computes. The
+    backward runs the same schedule on the gradients."""
 
     @staticmethod
     def forward(ctx, x_send, w13, w2, plans, ep_group, etp_group):
         dt = x_send.dtype
         w13c, w2c = w13.to(dt), w2.to(dt)
-        dev = x_send.device
+        st = _Streams(x_send.device)
         use_gmm = grouped_mm_available(x_send)
         etp = _size(etp_group)
         bounds, pos = [], 0
         for p in plans:
             bounds.append((pos, pos + p.n_send))
             pos += p.n_send
-        dev_plans = [_to_device(p, dev, use_gmm) for p in plans]
-        pending = [None] * len(plans)
-
-        def launch_dispatch(g):
-            a, b = bounds[g]
-            pending[g] = all_to_all(x_send[a:b], plans[g].out_splits, plans[g].in_splits,
-                                    ep_group, async_op=True)
-
-        y_send = x_send.new_empty(x_send.shape)
-        saved, returns = [], []
+        dev_plans = [_to_device(p, x_send.device, use_gmm) for p in plans]
+        ready = st.mark("main")
+        fetched = [None] * len(plans)
         if plans:
-            launch_dispatch(0)
+            fetched[0] = _fetch(st, x_send[bounds[0][0]:bounds[0][1]], plans[0], ep_group,
+                                etp_group, etp, ready)
+        saved, returns = [], []
         for g, p in enumerate(plans):
             if g + 1 < len(plans):
-                launch_dispatch(g + 1)
-            recv, work = pending[g]
-            if work is not None:
-                work.wait()
-            if etp > 1:  # every ETP rank of these experts sees every row sent to them
-                gathered, _ = all_to_all(recv.repeat(etp, 1), p.etp_sizes,
-                                         [recv.shape[0]] * etp, etp_group)
-            else:
-                gathered = recv
+                a, b = bounds[g + 1]
+                fetched[g + 1] = _fetch(st, x_send[a:b], plans[g + 1], ep_group, etp_group,
+                                        etp, ready)
+            gathered = _arrive(st, fetched[g])
+            n = fetched[g][3]
+            fetched[g] = None
             perm, inv, offs, counts = dev_plans[g]
             xg = gathered.index_select(0, perm)
             yg, hg = swiglu_forward(xg, w13c, w2c, offs, counts)
             saved.append((xg, hg))
             y_arrival = yg.index_select(0, inv)
-            if etp > 1:  # sum the F slices' partial outputs, keep this rank's rows
-                part, _ = all_to_all(y_arrival, [recv.shape[0]] * etp, p.etp_sizes, etp_group)
-                y_arrival = part.view(etp, recv.shape[0], -1).sum(0)
-            a, b = bounds[g]
-            returns.append(all_to_all(y_arrival, p.in_splits, p.out_splits, ep_group,
-                                      async_op=True) + ((a, b),))
-        for out, work, (a, b) in returns:
+            returns.append(_send_back(st, y_arrival, p, n, ep_group, etp_group, etp,
+                                      st.mark("main")) + (bounds[g],))
+        y_send = x_send.new_empty(x_send.shape)
+        for out, work, ev, (a, b) in returns:
+            st.wait("main", ev)
             if work is not None:
                 work.wait()
-            y_send[a:b] = out
+            y_send[a:b] = st.used_by(out, "main")
         ctx.plans, ctx.groups, ctx.bounds = plans, (ep_group, etp_group), bounds
         ctx.dev_plans = dev_plans
         ctx.wdtypes = (w13.dtype, w2.dtype)
@@ -227,48 +302,42 @@ class _ExpertPipeline(torch.autograd.Function):
         plans, bounds, dev_plans = ctx.plans, ctx.bounds, ctx.dev_plans
         ep_group, etp_group = ctx.groups
         etp = _size(etp_group)
+        st = _Streams(dy_send.device)
         dy_send = dy_send.contiguous().to(w13c.dtype)
-        dx_send = dy_send.new_empty(dy_send.shape)
         acc = torch.promote_types(w13c.dtype, torch.float32)  # fp32 (fp64 in fp64 tests)
         dw13 = torch.zeros(w13c.shape, dtype=acc, device=w13c.device)
         dw2 = torch.zeros(w2c.shape, dtype=acc, device=w2c.device)
-        pending = [None] * len(plans)
-
-        def launch(g):  # the reverse of the combine all-to-all: dy to the experts' ranks
-            a, b = bounds[g]
-            pending[g] = all_to_all(dy_send[a:b], plans[g].out_splits, plans[g].in_splits,
-                                    ep_group, async_op=True)
-
-        returns = []
+        ready = st.mark("main")
+        # the gradients travel the forward's return path backwards: EP all-to-all to the
+        # experts' ranks (the fetch plan), ETP all-gather, ... then the dispatch path home
+        fetched = [None] * len(plans)
         if plans:
-            launch(0)
+            a, b = bounds[0]
+            fetched[0] = _fetch(st, dy_send[a:b], plans[0], ep_group, etp_group, etp, ready)
+        returns = []
         for g, p in enumerate(plans):
             if g + 1 < len(plans):
-                launch(g + 1)
-            dy_recv, work = pending[g]
-            if work is not None:
-                work.wait()
-            if etp > 1:  # backward of the reduce-scatter: all-gather the rows' gradients
-                dy_recv, _ = all_to_all(dy_recv.repeat(etp, 1), p.etp_sizes,
-                                        [dy_recv.shape[0]] * etp, etp_group)
+                a, b = bounds[g + 1]
+                fetched[g + 1] = _fetch(st, dy_send[a:b], plans[g + 1], ep_group, etp_group,
+                                        etp, ready)
+            dy_recv = _arrive(st, fetched[g])
+            n = fetched[g][3]
+            fetched[g] = None
             perm, inv, offs, counts = dev_plans[g]
             xg, hg = flat[2 * g], flat[2 * g + 1]
-            dyg = dy_recv.index_select(0, perm)
-            dxg, dw13g, dw2g = swiglu_backward(dyg, xg, hg, w13c, w2c, offs, counts)
+            dxg, dw13g, dw2g = swiglu_backward(dy_recv.index_select(0, perm), xg, hg, w13c,
+                                               w2c, offs, counts)
             dw13 += dw13g
             dw2 += dw2g
             dx_arrival = dxg.index_select(0, inv)
-            n_recv = sum(p.out_splits)
-            if etp > 1:  # backward of the all-gather: sum the copies, keep this rank's rows
-                part, _ = all_to_all(dx_arrival, [n_recv] * etp, p.etp_sizes, etp_group)
-                dx_arrival = part.view(etp, n_recv, -1).sum(0)
-            a, b = bounds[g]
-            returns.append(all_to_all(dx_arrival, p.in_splits, p.out_splits, ep_group,
-                                      async_op=True) + ((a, b),))
-        for out, work, (a, b) in returns:
+            returns.append(_send_back(st, dx_arrival, p, n, ep_group, etp_group, etp,
+                                      st.mark("main")) + (bounds[g],))
+        dx_send = dy_send.new_empty(dy_send.shape)
+        for out, work, ev, (a, b) in returns:
+            st.wait("main", ev)
             if work is not None:
                 work.wait()
-            dx_send[a:b] = out
+            dx_send[a:b] = st.used_by(out, "main")
         return (dx_send, dw13.to(ctx.wdtypes[0]), dw2.to(ctx.wdtypes[1]), None, None, None)
 
 

@@ -318,9 +318,18 @@ def dist_mode(args):
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
                     y, aux = moe(x)
                 (y.float().square().mean() + aux).backward()
+            # the same numbers whatever G: output and input gradient against the G=1 run
+            x.grad = None
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                y0, _ = moe(x)
+            y0.float().square().mean().backward()
+            got = (y0.detach().float(), x.grad.detach().float().clone())
+            if G == args.groups[0]:
+                first = got
+            err = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(got, first))
             ms = _timeit(step, args.iters)
             row = {"layout": name, "ep": ep, "etp": etp, "groups": G, "ms": ms,
-                   "tokens_per_rank": T}
+                   "tokens_per_rank": T, "rel_err_vs_first_G": err}
             if cuda:
                 from torch.profiler import ProfilerActivity, profile
 
@@ -348,12 +357,13 @@ def dist_mode(args):
         print(f"\n{torch.cuda.get_device_name() if cuda else 'cpu'} x{world}, torch "
               f"{torch.__version__}, D={D} F={Fw} E={E} top-2, {T} tokens/rank, bf16")
         print(f"{'layout':>8} {'G':>3} {'layer ms':>9} {'comm ms':>8} {'exposed':>8} "
-              f"{'hidden':>7}")
+              f"{'hidden':>7} {'rel err vs G=' + str(args.groups[0]):>16}")
         for r in res:
             print(f"{r['layout']:>8} {r['groups']:>3} {r['ms']:>9.2f} "
                   f"{r.get('comm_ms', float('nan')):>8.2f} "
                   f"{r.get('exposed_comm_ms', float('nan')):>8.2f} "
-                  f"{r.get('hidden_frac', float('nan')) * 100:>6.0f}%")
+                  f"{r.get('hidden_frac', float('nan')) * 100:>6.0f}% "
+                  f"{r['rel_err_vs_first_G']:>16.1e}")
     dist.barrier()
     dist.destroy_process_group()
     return res if rank == 0 else None
