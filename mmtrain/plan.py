@@ -353,7 +353,8 @@ class Planner:
                 attn = r * D * Ts + 2 * D * T + (6 + 2) * W * T
         else:
             casts = 3 if (self.fp32 and mode == "none") else 1  # q, k, v each cast the input
-            attn = r * D * Ts + casts * 2 * D * T + (4 * W + 4 * Wkv) * T + 4 * (self.H // lay.tp) * T
+            lse = 4 * (self.H // lay.tp)
+            attn = r * D * Ts + casts * 2 * D * T + (4 * W + 4 * Wkv + lse) * T
         attn += state
         routing = (8 * E + 24 * k) * Ts  # fp32 logits, probs, top-k weights and indices
         if mode == "none":
@@ -428,6 +429,10 @@ class Planner:
         Wkv = max(self.KV // lay.tp, 1) * self.K
         comm["cp"] = ((lay.cp * (self.H // lay.tp) * self.K ** 2 * 4 * lay.micro_batch
                        + 2 * 2 * T * Wkv * 2) if lay.cp > 1 else 0.0)
+        # the lightning kernel's split mode: fp32 local and incoming states of segments of at
+        # least 2048 tokens (kernels/lightning/triton_scan.py), an upper bound
+        comm["lightning_states"] = (2 * math.ceil(T / 2048) * (self.H // lay.tp) * self.K ** 2 * 4
+                                    if "lightning" in self.inv.kinds else 0.0)
         static = weights + casts + grads + master + moments + mask
         act_total = sum(act.values())
         comm_total = sum(comm.values())
@@ -510,7 +515,8 @@ class Planner:
                 # EP all-to-all (dispatch + combine, fwd and bwd) and ETP gathers
                 rows = 2 * k * D * Ts
                 a2a = (4 + (2 if full else 0)) * (self._a2a(rows, lay.etp, lay.ep)
-                                                  + _ring(rows * lay.etp, lay.etp, bw_tp))
+                                                  + _ring(rows * lay.etp, lay.etp,
+                                                          self._bw(1, lay.etp)))
                 t_exp = f["experts"] * tokens_gpu / flops_rate
                 if self.G > 1:
                     a2a = a2a / self.G + max(0.0, (a2a - t_exp) * (self.G - 1) / self.G)
@@ -654,7 +660,8 @@ def result_dict(res: dict) -> dict:
 def format_result(res: dict) -> str:
     mem, t, lay = res["memory"], res["time"], res["layout"]
     act, comm = mem["activations"], mem["comm_buffers"]
-    rows = [("weights", mem["weights"]), ("bf16 weight copies (autocast)", mem["bf16_weight_copies"]),
+    rows = [("weights", mem["weights"]),
+            ("bf16 weight copies (autocast)", mem["bf16_weight_copies"]),
             ("gradients (fp32)", mem["grads"]), ("optimizer: fp32 master", mem["optimizer_master"]),
             ("optimizer: 2 moments (fp32)", mem["optimizer_moments"]),
             ("optimizer: wd mask (fp32)", mem["optimizer_wd_mask"])]

@@ -247,3 +247,42 @@ def test_parse_request_pins_only_what_was_given():
     req = parse_request(["parallel=tp2", "plan.search=false", "cluster.gpus=4"])
     pl, res = plan(req)
     assert res["results"][0]["layout"].tp == 2
+
+
+def test_lightning_and_moe_activations_from_the_saved_tensors():
+    """One lightning layer of the 1 B benchmark config at tp 1 (mmtrain today, no recompute),
+    summed from the list of tensors autograd keeps (docs/plan.md), bytes per micro-batch."""
+    cfg = load_config(["model.vocab_size=32000", "model.hidden_size=2048", "model.num_layers=12",
+                       "model.num_heads=16", "model.head_dim=128", "model.num_kv_heads=4",
+                       "model.softmax_every=4", "model.num_experts=4", "model.top_k=2",
+                       "model.ffn_hidden_size=5632", "data.seq_len=4096"])
+    inv = build_inventory(cfg.model, 4096)
+    pl = Planner(inv, Stage(4096, 8), ClusterConfig(gpus=1), PlanConfig())
+    lay = Layout(1, 1, 1, 1, 1, 1, 1, 1, "none", False)
+    d, w, f, k, e, t = 2048, 16 * 128, 5632, 2, 4, 4096
+    attn = [4 * d,          # fp32 residual saved by the input norm
+            2 * 2 * d,      # bf16 casts of the norm output for qkv_proj and gate_proj
+            2 * 3 * w,      # qkv before SiLU
+            2 * 3 * w,      # contiguous q, k, v saved by the kernel
+            4 * w,          # kernel output cast to fp32 (output-norm input)
+            4 * w,          # normed output (gate-multiply input)
+            2 * w,          # sigmoid(gate)
+            2 * w]          # out_proj input
+    moe = [4 * d,           # fp32 residual saved by the post norm
+           4 * d,           # fp32 router input
+           2 * k * d,       # dispatched rows, bf16
+           2 * k * 2 * f,   # SwiGLU input h (2F wide), bf16
+           4 * k * d,       # expert outputs in fp32 for the combine
+           4 * e + 4 * e + 4 * k + 8 * k + 4 * k + 8 * k]  # fp32 logits and probs; top-k
+    # values, int64 indices, renormalised weights, int64 slot order
+    got = pl.layer_activations(lay, "lightning", "none")
+    assert got["attn"] == sum(attn) * t
+    assert got["moe"] == sum(moe) * t
+
+
+def test_first_pipeline_stage_holds_pp_micro_batches(minimax):
+    _, inv = minimax
+    pl = _planner(inv, 512, rows=64)
+    lay = Layout(tp=8, cp=1, pp=4, dp=16, ep=32, etp=1, edp=4, micro_batch=1, recompute="full",
+                 zero1=True)  # 4 micro-batches a step
+    assert [pl._memory_stage(lay, s)["inflight_micro_batches"] for s in range(4)] == [4, 3, 2, 1]
