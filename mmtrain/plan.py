@@ -811,7 +811,15 @@ def plan(req: PlanRequest, inv: Optional[Inventory] = None) -> tuple:
         pl.topology_check(lay)
         return pl, {"searched": 1, "fitting": int(pl.memory(lay)["fits"]),
                     "results": [pl.evaluate(lay)]}
-    return pl, pl.search(req.pins, req.micro_batch)
+    res = pl.search(req.pins, req.micro_batch)
+    if not res["searched"]:
+        where = ("parallel." + next(iter(req.pins))) if req.pins else "cluster.gpus"
+        pinned = f" with {req.pins} pinned" if req.pins else ""
+        raise ConfigError(f"{where}: no valid layout of {req.cluster.gpus} GPUs{pinned} for "
+                          f"{req.cfg.model.name} at seq {req.stage.seq_len} and "
+                          f"{req.stage.global_rows} rows; sizes must divide the model and every "
+                          f"DP rank needs whole micro-batches (docs/plan.md, Validity)")
+    return pl, res
 
 
 def main(args: list) -> int:
@@ -843,9 +851,6 @@ def main(args: list) -> int:
     if req.opts.search:
         print(f"searched {res['searched']} valid layouts, {res['fitting']} fit"
               + (f"; pinned {req.pins}" if req.pins else ""))
-    if not results:
-        print("no valid layout (check the pins and the batch: every rank needs whole rows)")
-        return 1
     if not fits:
         print("NO LAYOUT FITS; the closest (least memory):")
     print(format_result(results[0]))

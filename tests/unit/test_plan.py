@@ -228,6 +228,7 @@ def test_cli_text_reports_a_fit():
     ("plan.bogus=1", "plan.bogus"),
     ("plan.global_batch_tokens=1000", "plan.global_batch_tokens"),
     ("train.bogus=1", "train.bogus"),
+    ("parallel.tp=3", "parallel.tp"),  # no valid layout of 8 GPUs with tp pinned to 3
 ])
 def test_cli_bad_input_one_line_exit_2(override, field):
     out = run_plan("model=tiny", override)
