@@ -369,10 +369,12 @@ class Planner:
         r = 4 if self.fp32 else 2
         saved = r * self.D * Ts + 2 * self.D * T
         Vl = self.V / lay.tp
-        # bf16 logits of this micro-batch and of the previous one (the loop's ``out`` holds it
-        # until the next forward returns), + fp32 copy / log-softmax / gradients
-        # (F.cross_entropy at tp=1: 2+2+4+4+4) or the vocab-parallel CE (2+2+4+4)
-        per = 16 if lay.tp == 1 else 12
+        # bytes per token and local vocab entry at the loss's peak: tp = 1, the backward's start
+        # (bf16 logits held by the loop's ``out``, log-softmax output, its gradient, the input
+        # gradient: 2+4+4+4); tp > 1, the vocab-parallel CE's forward (bf16 logits, the fp32
+        # copy the loop passes in, the shifted logits, their exp: 2+4+4+4). The previous
+        # micro-batch's logits (also held by ``out``) live only until the next forward returns.
+        per = 14
         rows = min(T, 8192) if self.opts.fused_ce else T
         return saved, per * rows * Vl
 
