@@ -349,6 +349,8 @@ class Planner:
                 casts = 2 if self.fp32 else 1  # bf16 copies of the gathered input (qkv, gate)
                 ro = 4 if self.fp32 else 2  # kernel output cast to the residual dtype
                 attn = r * D * Ts + casts * 2 * D * T + (6 + 6 + 2 * ro + 2 + 2) * W * T
+                if lay.tp > 1:  # TPRMSNorm also keeps its fp32 normalised x (and an fp32 copy
+                    attn += (4 if self.fp32 else 6) * W * T  # of a bf16 input)
             else:  # selective: input, one bf16 copy, qkv and gate GEMM outputs
                 attn = r * D * Ts + 2 * D * T + (6 + 2) * W * T
         else:
