@@ -55,7 +55,7 @@ def _info(args: list[str]) -> int:
 
 
 def _plan(args: list[str]) -> int:
-    from mmtrain.plan import main
+    from mmtrain.plan_cli import main
 
     return main(args)
 

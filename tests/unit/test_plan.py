@@ -15,8 +15,8 @@ import pytest
 
 from mmtrain.config import ConfigError
 from mmtrain.parallel.topology import Topology
-from mmtrain.plan import (ClusterConfig, Layout, PlanConfig, Planner, Stage, build_inventory,
-                          parse_request, plan)
+from mmtrain.plan import ClusterConfig, Layout, PlanConfig, Planner, Stage, build_inventory
+from mmtrain.plan_cli import parse_request, plan
 from mmtrain.recipe import load_config
 from tests.conftest import subprocess_env
 
