@@ -287,3 +287,15 @@ def test_first_pipeline_stage_holds_pp_micro_batches(minimax):
     lay = Layout(tp=8, cp=1, pp=4, dp=16, ep=32, etp=1, edp=4, micro_batch=1, recompute="full",
                  zero1=True)  # 4 micro-batches a step
     assert [pl._memory_stage(lay, s)["inflight_micro_batches"] for s in range(4)] == [4, 3, 2, 1]
+
+
+@pytest.mark.parametrize("gpu,tflops,hbm,nvlink", [("h800", 989, 3.35, 400), ("h20", 148, 4.0, 900),
+                                                   ("h100", 989, 3.35, 900),
+                                                   ("h200", 989, 4.8, 900)])
+def test_cluster_recipes_carry_spec_9(gpu, tflops, hbm, nvlink):
+    from mmtrain.plan_cli import load_cluster
+
+    cl = load_cluster(gpu, {"gpus": 16})
+    assert (cl.gpu, cl.gpus, cl.bf16_tflops, cl.hbm_tbs, cl.nvlink_gbs) == (gpu, 16, tflops, hbm,
+                                                                           nvlink)
+    assert cl.ib_gbs == 50.0  # 400 Gb/s per GPU
