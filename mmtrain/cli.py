@@ -1,7 +1,10 @@
-"""``mmtrain train | info | export-hf | import-hf`` — the command line.
+"""``mmtrain train | info | plan | export-hf | import-hf`` — the command line.
 
     mmtrain train [overrides...]        train (or resume) as the recipe says; works under torchrun
     mmtrain info [--json] [overrides]   layer layout, parameter counts, FLOPs per token
+    mmtrain plan [--json] [overrides]   per-GPU memory and step time of layouts on a cluster;
+                                        the fastest that fits (cluster=h800 cluster.gpus=1024
+                                        plan.recompute=full parallel.tp=8 ...; docs/plan.md)
     mmtrain export-hf CHECKPOINT OUT    mmtrain checkpoint -> transformers MiniMax directory
     mmtrain import-hf HF_DIR OUT        transformers / remote-code MiniMax -> mmtrain checkpoint
 
@@ -56,6 +59,12 @@ def _info(args: list[str]) -> int:
     return 0
 
 
+def _plan(args: list[str]) -> int:
+    from mmtrain.plan_cli import main
+
+    return main(args)
+
+
 def _train(args: list[str]) -> int:
     from mmtrain.recipe import load_config
     from mmtrain.train.loop import train
@@ -81,7 +90,8 @@ def _import_hf(args: list[str]) -> int:
     return import_main(args)
 
 
-COMMANDS = {"train": _train, "info": _info, "export-hf": _export_hf, "import-hf": _import_hf}
+COMMANDS = {"train": _train, "info": _info, "plan": _plan, "export-hf": _export_hf,
+            "import-hf": _import_hf}
 
 
 def main(argv: list[str] | None = None) -> int:
