@@ -9,6 +9,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The corpus cache (data.corpus preprocessed to .bin/.idx on first use) is shared by the tests of
+# one session, child processes included, and never touches ~/.cache.
+if "MMTRAIN_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["MMTRAIN_CACHE"] = tempfile.mkdtemp(prefix="mmtrain-cache-")
+
 
 def free_port() -> int:
     with socket.socket() as s:
