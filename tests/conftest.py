@@ -14,7 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 if "MMTRAIN_CACHE" not in os.environ:
     import tempfile
 
+    import atexit
+    import shutil
+
     os.environ["MMTRAIN_CACHE"] = tempfile.mkdtemp(prefix="mmtrain-cache-")
+    atexit.register(shutil.rmtree, os.environ["MMTRAIN_CACHE"], True)
 
 
 def free_port() -> int:
