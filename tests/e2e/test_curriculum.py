@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,3 +139,55 @@ def test_slurm_chain_requeues_a_signalled_stage_and_matches_the_local_run(local_
             assert [s for s, _ in got] == [s for s, _ in want], (stage, got)
             for (_, x), (_, y) in zip(got, want):
                 assert abs(x - y) <= 1e-5 * abs(y), (stage, got, want)
+
+
+def test_token_schedules_and_blend_resume_exactly_mid_schedule(tmp_path):
+    """A run with a two-prefix blend, a length mixture, a batch-size warm-up and an exponential
+    LR decay by tokens, killed (a fresh process resumes from the checkpoint) in the middle of
+    both schedules, logs the losses and learning rates of the uninterrupted run."""
+    from mmtrain.data.preprocess import preprocess
+    from mmtrain.train import checkpoint as ckpt
+    from mmtrain.train.loop import train
+    from tests.e2e.test_train_resume import SMALL
+
+    for name, cap in (("a", 30_000), ("b", 60_000)):
+        preprocess("stdlib", str(tmp_path / name), max_bytes=cap, progress=False)
+    ov = SMALL + [f"data.blend=[0.3,{tmp_path / 'a'},0.7,{tmp_path / 'b'}]",
+                  "data.length_bounds=[2000,6000]", "data.mixture=[0.2,0.5,0.3]",
+                  "train.max_tokens=1536", "train.batch_schedule=[[0,128],[384,256]]",
+                  "train.schedule=exp_decay", "train.decay_start_tokens=512",
+                  "train.lr=3e-3", "train.min_lr=3e-4"]
+
+    def metrics(run):
+        return [(r["step"], r["loss"], r["lr"]) for r in
+                (json.loads(l) for l in open(run / "metrics.jsonl"))]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        full = train(load_config(ov + [f"run.dir={tmp_path / 'full'}"]))
+        n = full.final_step
+        assert n == 8  # 3 steps of 4 rows, then 5 of 8: 1536 tokens
+        # stop after step 4 (the batch and the LR already changed), then resume in a new process
+        part = subprocess.run([sys.executable, "-m", "mmtrain.train", *ov, "train.ckpt_every=4",
+                               f"run.dir={tmp_path / 'resumed'}"], capture_output=True, text=True,
+                              env=subprocess_env(PYTHONPATH=str(REPO)), timeout=600)
+        assert part.returncode == 0, part.stderr[-2000:]
+        # emulate a kill after step 4's checkpoint: drop everything after it, then resume
+        run = tmp_path / "resumed"
+        for d in (run / "checkpoints").iterdir():
+            if d.name != "step_00000004":
+                shutil.rmtree(d)
+        kept = [l for l in open(run / "metrics.jsonl") if json.loads(l)["step"] <= 4]
+        (run / "metrics.jsonl").write_text("".join(kept))
+        assert ckpt.read_meta(ckpt.latest(run))["step"] == 4
+        resumed = train(load_config(ov + [f"run.dir={run}"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert [s for s, _ in resumed.losses] == [5, 6, 7, 8]
+    want, got = metrics(tmp_path / "full"), metrics(run)
+    assert [s for s, _, _ in got] == list(range(1, n + 1))
+    lrs = [lr for _, _, lr in want]
+    assert lrs[4] < lrs[3] and lrs[-1] == pytest.approx(3e-4)  # mid-decay at the resume point
+    for (s, x, lx), (_, y, ly) in zip(got, want):
+        assert lx == ly and abs(x - y) <= 1e-6 * abs(y), (s, got, want)
