@@ -38,8 +38,11 @@ CHUNK_DOCS = 256
 _worker_tok = None
 
 
-def _init_worker(spec: str) -> None:
+def _init_worker(spec: str, single_thread: bool = False) -> None:
     global _worker_tok
+    if single_thread:  # one worker = one core: no extra Rust threads inside the HF tokenizer
+        os.environ["RAYON_NUM_THREADS"] = "1"
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tok = build_tokenizer(DataConfig(tokenizer=spec))
 
 
@@ -83,7 +86,7 @@ def preprocess(input_spec: str, output_prefix: str, tokenizer: str = "byte", wor
         else:
             import multiprocessing as mp
 
-            pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer,))
+            pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer, True))
             chunks = _chunks(docs, CHUNK_DOCS)
             src = []
 
