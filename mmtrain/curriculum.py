@@ -12,6 +12,7 @@ on the previous one (``--dependency=afterok:<job>``); the template asks for SIGT
 time limit and requeues, so a stage that is preempted or runs out of time checkpoints and
 continues in its run dir. ``--local`` runs the stages one after the other in this process's
 machine (``python -m mmtrain.train``), e.g. the scaled-down ``tiny`` curriculum on CPU.
+An override ``STAGE:key=value`` applies to that stage only (``main:train.max_tokens=...``).
 """
 
 from __future__ import annotations
@@ -67,12 +68,25 @@ def load_curriculum(name: str) -> dict:
 
 
 def stage_overrides(cur: dict, root: str, i: int, extra: list[str]) -> list[str]:
+    """The overrides of stage i: model, stage, run dir, init_from, then ``extra`` — all of them
+    except the ``STAGE:key=value`` ones, which apply to that stage only."""
     stages = cur["stages"]
     ov = [f"model={cur['model']}"] if cur.get("model") else []
     ov += [f"stage={stages[i]}", f"run.dir={os.path.join(root, stages[i])}"]
     if i > 0:
         ov.append(f"train.init_from={os.path.join(root, stages[i - 1])}")
-    return ov + list(extra)
+    for x in extra:
+        key = x.split("=", 1)[0]
+        if ":" in key:
+            name, rest = x.split(":", 1)
+            if name not in stages:
+                raise ConfigError(f"{x}: '{name}' is not a stage of this curriculum ({stages}); "
+                                  f"write STAGE:key=value with one of them")
+            if name == stages[i]:
+                ov.append(rest)
+        else:
+            ov.append(x)
+    return ov
 
 
 def repo_root() -> Path:

@@ -113,3 +113,23 @@ def test_info_json_prints_the_stage():
     batch = st["global_batch_rows"] * (1 << 20)
     assert st["global_batch_tokens"] == batch
     assert st["steps"] == -(-26_000_000_000 // batch)  # ceil: the budget at the stage's batch
+
+
+def test_launch_chains_the_stages_with_afterok(tmp_path, capsys):
+    from mmtrain.curriculum import main
+
+    assert main(["minimax", str(tmp_path), "--dry-run", "--nodes", "4",
+                 "main:train.max_tokens=7000000000000", "data.seed=7"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4
+    for i, (stage, line) in enumerate(zip(ORDER, lines)):
+        assert line.startswith("sbatch --parsable -N 4 ") and "launch/slurm.sbatch" in line
+        assert f"stage={stage} run.dir={tmp_path / stage}" in line and "data.seed=7" in line
+        assert ("train.max_tokens=7000000000000" in line) == (stage == "main")
+        if i:
+            assert f"--dependency=afterok:<job of {ORDER[i - 1]}>" in line
+            assert f"train.init_from={tmp_path / ORDER[i - 1]}" in line
+        else:
+            assert "--dependency" not in line and "init_from" not in line
+    with pytest.raises(ConfigError, match="^nope:train.seed=1: 'nope' is not a stage"):
+        main(["minimax", str(tmp_path), "--dry-run", "nope:train.seed=1"])
