@@ -3,7 +3,8 @@
 ``slurm_cluster()`` is a context manager: munge (one daemon for the machine, started if none
 answers), then slurmctld and two slurmd (node1, node2 on loopback) with every port chosen free and
 every file in a fresh temporary directory, so several clusters (several tests, several sessions)
-never collide. It yields ``(env, run)``: ``env`` has ``SLURM_CONF`` set for clients, ``run`` is
+never collide. Job credentials expire after 10 s instead of 120 s, which is also how long Slurm holds
+a requeued job back before it may start again (a requeue test waits seconds, not minutes). It yields ``(env, run)``: ``env`` has ``SLURM_CONF`` set for clients, ``run`` is
 the cluster's directory. Everything it started is stopped by pid file at the end.
 """
 
@@ -26,6 +27,7 @@ SlurmctldHost=localhost
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
 CredType=cred/munge
+AuthInfo=cred_expire=10
 SlurmUser=slurm
 StateSaveLocation={run}/state
 SlurmdSpoolDir={run}/spool/%n
