@@ -1,10 +1,15 @@
-"""``mmtrain train | info | plan | export-hf | import-hf`` — the command line.
+"""``mmtrain train | info | plan | preprocess | launch | export-hf | import-hf`` — the command line.
 
     mmtrain train [overrides...]        train (or resume) as the recipe says; works under torchrun
-    mmtrain info [--json] [overrides]   layer layout, parameter counts, FLOPs per token
+    mmtrain info [--json] [overrides]   layer layout, parameter counts, FLOPs per token, stage
     mmtrain plan [--json] [overrides]   per-GPU memory and step time of layouts on a cluster;
                                         the fastest that fits (cluster=h800 cluster.gpus=1024
                                         plan.recompute=full parallel.tp=8 ...; docs/plan.md)
+    mmtrain preprocess INPUT OUTPUT_PREFIX [--tokenizer T] [--workers N]
+                                        text / folder / .jsonl -> Megatron .bin/.idx
+    mmtrain launch CURRICULUM RUN_ROOT [--local] [overrides]
+                                        the stages of recipes/curriculum/CURRICULUM.yaml as a
+                                        Slurm dependency chain (or one by one here with --local)
     mmtrain export-hf CHECKPOINT OUT    mmtrain checkpoint -> transformers MiniMax directory
     mmtrain import-hf HF_DIR OUT        transformers / remote-code MiniMax -> mmtrain checkpoint
 
@@ -34,9 +39,12 @@ def _info(args: list[str]) -> int:
     from mmtrain.parallel.context import layout_summary
 
     check_context(cfg)
+    from mmtrain.curriculum import stage_summary
+
     acct = account(cfg.model, cfg.data.seq_len)
+    stage = stage_summary(cfg)
     if as_json:
-        print(json.dumps(acct.as_dict()))
+        print(json.dumps({**acct.as_dict(), "stage": stage}))
         return 0
     types = acct.layer_types
     soft = [i for i, t in enumerate(types) if t == "softmax"]
@@ -56,6 +64,20 @@ def _info(args: list[str]) -> int:
               + (" ..." if m.num_heads > 4 else ""))
     print(f"DeepNorm alpha {m.deepnorm_alpha:.6f}, beta {m.deepnorm_beta:.6f} ({m.norm_scheme})")
     print(layout_summary(cfg.parallel, cfg.data.seq_len))
+    st = stage
+    budget = f"{st['token_budget']:,} tokens" if st["token_budget"] else "train.max_steps"
+    print(f"stage {st['name']}: seq_len {st['seq_len']:,}, RoPE base {st['rope_theta']:g}, "
+          f"budget {budget}, {st['steps']:,} steps at {st['global_batch_rows']:,} rows "
+          f"({st['global_batch_tokens']:,} tokens) per step"
+          + (" (batch schedule)" if st["batch_schedule"] else ""))
+    if st["mixture"] is not None:
+        print(f"mixture short/medium/long {st['mixture']}"
+              + (f" from {st['mixture_from']} over the first {st['transition']:.0%}"
+                 if st["mixture_from"] else "")
+              + (f"; QA {st['qa_fraction']:.0%} in the last {st['qa_window']:.0%}"
+                 if st["qa_fraction"] else ""))
+    if st["eval_seq_len"]:
+        print(f"evaluation length {st['eval_seq_len']:,} (extrapolation, not trained)")
     return 0
 
 
@@ -78,6 +100,18 @@ def _train(args: list[str]) -> int:
     return 0
 
 
+def _preprocess(args: list[str]) -> int:
+    from mmtrain.data.preprocess import main
+
+    return main(args)
+
+
+def _launch(args: list[str]) -> int:
+    from mmtrain.curriculum import main
+
+    return main(args)
+
+
 def _export_hf(args: list[str]) -> int:
     from mmtrain.hf.cli import export_main
 
@@ -90,8 +124,8 @@ def _import_hf(args: list[str]) -> int:
     return import_main(args)
 
 
-COMMANDS = {"train": _train, "info": _info, "plan": _plan, "export-hf": _export_hf,
-            "import-hf": _import_hf}
+COMMANDS = {"train": _train, "info": _info, "plan": _plan, "preprocess": _preprocess,
+            "launch": _launch, "export-hf": _export_hf, "import-hf": _import_hf}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,8 +127,30 @@ class DataConfig:
     corpus_max_bytes: int = 8_000_000  # cap on the text read from the corpus (0 = no cap)
     seq_len: int = 256
     seed: int = 1234
+    # Where data.corpus is preprocessed to .bin/.idx on first use (null: $MMTRAIN_CACHE or
+    # ~/.cache/mmtrain). See mmtrain/data/preprocess.py.
+    cache_dir: Optional[str] = None
+    # Megatron blend: a flat list of weight/prefix pairs [0.3, /data/a_text_document, 0.7, ...];
+    # null: data.corpus alone. Weights are shares of rows (hence tokens). mmtrain/data/blend.py.
+    blend: Optional[list] = None
+    # Length mixture (mmtrain/data/mixture.py): documents bucketed by token length into short <
+    # length_bounds[0] <= medium <= length_bounds[1] < long; ``mixture`` = [short, medium, long]
+    # shares of rows (null: no bucketing). ``mixture_from`` (the previous stage's weights) moves
+    # linearly to ``mixture`` over the first ``transition`` fraction of the stage's tokens.
+    length_bounds: list = field(default_factory=lambda: [32768, 131072])
+    mixture: Optional[list] = None
+    mixture_from: Optional[list] = None
+    transition: float = 0.0
+    # QA component: a blend of its own, ``qa_fraction`` of the rows in the last ``qa_window``
+    # fraction of the stage (SPEC §7: 10% in the last 20%).
+    qa_blend: Optional[list] = None
+    qa_fraction: float = 0.0
+    qa_window: float = 0.2
 
     def validate(self, path: str = "data") -> None:
+        from mmtrain.data.mixture import validate_data_config
+
+        validate_data_config(self, path)
         if self.seq_len < 2:
             _fail(f"{path}.seq_len", f"must be >= 2, got {self.seq_len}")
         if self.corpus_max_bytes < 0:
@@ -170,6 +192,16 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     init_from: Optional[str] = None
+    # Token-based schedules (mmtrain/train/schedules.py). max_tokens > 0: the run's token budget;
+    # max_steps is then derived (the steps that consume it at the batch schedule).
+    max_tokens: int = 0
+    # Batch-size warm-up in tokens: [[at_tokens, batch_tokens], ...] from at_tokens=0, e.g. the
+    # paper's [[0, 16Mi], [69e9, 32Mi], [790e9, 64Mi], [4.7e12, 128Mi]]; global batch rows =
+    # batch_tokens / data.seq_len. null: train.global_batch rows throughout.
+    batch_schedule: Optional[list] = None
+    # exp_decay / wsd with max_tokens > 0: the decay starts at this many tokens (0: decay_start
+    # steps); wsd decays linearly, exp_decay geometrically, both to min_lr at the end.
+    decay_start_tokens: int = 0
 
     def validate(self, path: str = "train") -> None:
         if self.max_steps < 1:
@@ -180,8 +212,9 @@ class TrainConfig:
             _fail(f"{path}.lr", f"must be a positive learning rate, got {self.lr}")
         if self.min_lr < 0 or self.min_lr > self.lr:
             _fail(f"{path}.min_lr", f"must be within 0..lr={self.lr}, got {self.min_lr}")
-        if self.schedule not in ("constant", "cosine", "exp_decay"):
-            _fail(f"{path}.schedule", f"unknown '{self.schedule}'; use constant, cosine or exp_decay")
+        if self.schedule not in ("constant", "cosine", "exp_decay", "wsd"):
+            _fail(f"{path}.schedule", f"unknown '{self.schedule}'; use constant, cosine, exp_decay "
+                  f"or wsd")
         if self.warmup_steps < 0:
             _fail(f"{path}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if self.weight_decay < 0:
@@ -199,6 +232,9 @@ class TrainConfig:
             _fail(f"{path}.device", f"unknown '{self.device}'; use auto, cpu or cuda")
         if self.dtype not in ("auto", "fp32", "bf16"):
             _fail(f"{path}.dtype", f"unknown '{self.dtype}'; use auto, fp32 or bf16")
+        from mmtrain.train.schedules import validate_train_schedules
+
+        validate_train_schedules(self, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,12 +306,28 @@ class RunConfig:
 
 
 @dataclass
+class StageConfig:
+    """Which curriculum stage the recipe is (recipes/stage/); descriptive, the values it sets live
+    in model/data/train. ``previous``: the stage whose final checkpoint this one starts from."""
+
+    name: str = "none"
+    previous: Optional[str] = None
+    note: str = ""
+    eval_seq_len: Optional[int] = None  # an evaluation-only length (ctx1m: 4M, extrapolation)
+
+    def validate(self, path: str = "stage") -> None:
+        if not self.name:
+            _fail(f"{path}.name", "is empty; name the stage (e.g. ctx128k) or use 'none'")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
 
     def validate(self) -> "Config":
         self.model.validate("model")
@@ -283,6 +335,7 @@ class Config:
         self.train.validate("train")
         self.parallel.validate("parallel")
         self.run.validate("run")
+        self.stage.validate("stage")
         if self.train.micro_batch and self.train.global_batch % self.train.micro_batch:
             _fail("train.global_batch", f"{self.train.global_batch} is not a multiple of "
                   f"train.micro_batch={self.train.micro_batch}; make it one")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mmtrain.config import Config, ConfigError, config_from_dict
 
-GROUPS = ("model", "data", "train", "parallel")
+GROUPS = ("model", "data", "train", "parallel", "stage")
 
 
 def recipes_dir() -> Path:

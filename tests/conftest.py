@@ -9,6 +9,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The corpus cache (data.corpus preprocessed to .bin/.idx on first use) is shared by the tests of
+# one session, child processes included, and never touches ~/.cache.
+if "MMTRAIN_CACHE" not in os.environ:
+    import tempfile
+
+    import atexit
+    import shutil
+
+    os.environ["MMTRAIN_CACHE"] = tempfile.mkdtemp(prefix="mmtrain-cache-")
+    atexit.register(shutil.rmtree, os.environ["MMTRAIN_CACHE"], True)
+
 
 def free_port() -> int:
     with socket.socket() as s:

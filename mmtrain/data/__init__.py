@@ -5,12 +5,26 @@ token stream -> rows) -> ``DataLoader(ds, global_batch, micro_batch, dp_rank, dp
 ``next_step()`` -> ``list[Batch]``.
 """
 
-from mmtrain.data.batch import Batch, position_ids_from_cu_seqlens
-from mmtrain.data.corpus import load_corpus, stdlib_files
-from mmtrain.data.loader import DataLoader
-from mmtrain.data.packing import (PackedDataset, Row, build_dataset, collate, pack_documents,
-                                  tokenize_documents)
-from mmtrain.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
+import importlib
+
+# Imported on first use (PEP 562), so that ``mmtrain.data.indexed`` / ``preprocess`` (and the
+# preprocess worker processes) do not pay for importing torch.
+_WHERE = {
+    "Batch": "batch", "position_ids_from_cu_seqlens": "batch",
+    "load_corpus": "corpus", "stdlib_files": "corpus",
+    "DataLoader": "loader",
+    "PackedDataset": "packing", "Row": "packing", "build_dataset": "packing", "collate": "packing",
+    "pack_documents": "packing", "tokenize_documents": "packing",
+    "ByteTokenizer": "tokenizer", "HFTokenizer": "tokenizer", "Tokenizer": "tokenizer",
+    "build_tokenizer": "tokenizer",
+}
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"mmtrain.data.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'mmtrain.data' has no attribute {name!r}")
+
 
 __all__ = [
     "Batch", "position_ids_from_cu_seqlens",

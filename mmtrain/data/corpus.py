@@ -98,9 +98,9 @@ def _iter_jsonl(path: str) -> Iterator[str]:
             yield obj["text"]
 
 
-def _capped(docs: Iterable[str], max_bytes: int) -> list[str]:
+def _capped(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
     """Non-blank documents in order, cut so their total UTF-8 size is at most ``max_bytes`` (0 = all)."""
-    out, total = [], 0
+    total = 0
     for text in docs:
         if not text.strip():
             continue
@@ -110,19 +110,16 @@ def _capped(docs: Iterable[str], max_bytes: int) -> list[str]:
             if len(raw) >= room:
                 cut = raw[:room].decode("utf-8", errors="ignore")  # drop a split trailing char
                 if cut.strip():
-                    out.append(cut)
-                break
+                    yield cut
+                return
             total += len(raw)
-        out.append(text)
-    return out
+        yield text
 
 
-def load_corpus(cfg: DataConfig) -> list[str]:
-    """The documents of ``cfg.corpus`` (see the module docstring), capped by ``cfg.corpus_max_bytes``.
+def iter_corpus(spec: str, max_bytes: int = 0) -> Iterator[str]:
+    """The documents of ``spec`` one at a time (streaming; see the module docstring).
 
-    Raises :class:`ConfigError` naming ``data.corpus`` when the path is missing or holds no text.
-    """
-    spec = cfg.corpus
+    Raises :class:`ConfigError` naming ``data.corpus`` when the path is missing."""
     if spec == "stdlib":
         docs = _iter_stdlib()
     else:
@@ -133,7 +130,26 @@ def load_corpus(cfg: DataConfig) -> list[str]:
             docs = _iter_jsonl(path) if path.endswith(".jsonl") else iter([_read_utf8(path, True)])
         else:
             raise ConfigError(f"data.corpus: '{spec}' not found; {_KINDS}")
-    out = _capped(docs, cfg.corpus_max_bytes)
+    return _capped(docs, max_bytes)
+
+
+def corpus_files(spec: str) -> list[str]:
+    """The files ``spec`` reads, in corpus order (what a cache key must cover)."""
+    if spec == "stdlib":
+        return stdlib_files()
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        return _sorted_files(path, FOLDER_SUFFIXES, frozenset({"__pycache__"}))
+    return [path] if os.path.isfile(path) else []
+
+
+def load_corpus(cfg: DataConfig) -> list[str]:
+    """The documents of ``cfg.corpus`` (see the module docstring), capped by ``cfg.corpus_max_bytes``.
+
+    Raises :class:`ConfigError` naming ``data.corpus`` when the path is missing or holds no text.
+    """
+    spec = cfg.corpus
+    out = list(iter_corpus(spec, cfg.corpus_max_bytes))
     if not out:
         raise ConfigError(f"data.corpus: '{spec}' contains no text; add non-empty documents "
                           f"(.txt/.md/.py files in a folder, or \"text\" lines in a .jsonl) or use "

@@ -139,6 +139,10 @@ class DataLoader:
         of rows would differ from the run that saved the state. A different ``global_batch`` is
         allowed when the consumed rows are a multiple of the new one.
         """
+        if state.get("kind", "packed") != "packed":
+            raise ConfigError("data.blend: the checkpoint's data loader state is a blend "
+                              "sampler's (saved with data.blend, data.mixture or "
+                              "train.batch_schedule); resume with the recipe that saved it")
         if strict:
             if int(state["seed"]) != self.seed:
                 raise ConfigError(f"data.seed: the saved loader state used seed {state['seed']}, this "

@@ -28,7 +28,6 @@ import torch
 
 from mmtrain.config import ConfigError, DataConfig
 from mmtrain.data.batch import Batch, position_ids_from_cu_seqlens
-from mmtrain.data.corpus import load_corpus
 
 _ENCODE_CHUNK = 1024  # documents handed to the tokenizer at once (bounds the transient memory)
 
@@ -140,9 +139,15 @@ def collate(rows: Sequence[Row]) -> Batch:
                  position_ids=position_ids_BT)
 
 
-def build_dataset(cfg: DataConfig, tokenizer) -> PackedDataset:
-    """Corpus -> packed rows of ``cfg.seq_len`` (nothing is cached on disk)."""
-    ds = pack_documents(load_corpus(cfg), tokenizer, cfg.seq_len)
+def build_dataset(cfg: DataConfig, tokenizer, announce: bool = False) -> PackedDataset:
+    """Corpus -> packed rows of ``cfg.seq_len``, memory-mapped from the corpus cache (the corpus
+    is preprocessed to ``.bin/.idx`` on first use; see :mod:`mmtrain.data.preprocess`)."""
+    from mmtrain.data.indexed import IndexedReader
+    from mmtrain.data.preprocess import cached_corpus
+
+    reader = IndexedReader(cached_corpus(cfg, tokenizer, announce), "data.corpus")
+    doc_starts = np.asarray(reader.pointers) // reader.dtype.itemsize
+    ds = PackedDataset(reader._bin, doc_starts, cfg.seq_len)
     if len(ds) == 0:
         raise ConfigError(f"data.corpus: '{cfg.corpus}' gives {ds.num_tokens} tokens, fewer than one "
                           f"row of data.seq_len+1={cfg.seq_len + 1}; use a larger corpus "

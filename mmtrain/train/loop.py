@@ -33,7 +33,8 @@ from mmtrain.parallel.apply import check_layout
 from mmtrain.parallel.context import layout_summary
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train.metrics import MetricsLogger, peak_flops
-from mmtrain.train.optim import lr_at, set_lr
+from mmtrain.train.optim import set_lr
+from mmtrain.train.schedules import BatchSchedule, lr_at, resolve_max_steps
 from mmtrain.train.stop import GracefulStop
 
 
@@ -124,20 +125,22 @@ def _check_same_model(cfg: Config, path) -> None:
 
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) training as configured; every rank calls this."""
-    from mmtrain.data import DataLoader, build_dataset, build_tokenizer
+    from mmtrain.data import build_tokenizer
+    from mmtrain.data.build import build_loader
 
     # Everything that can be wrong with the recipe or the data fails here, before any collective.
+    cfg.train.max_steps = resolve_max_steps(cfg.train, cfg.data.seq_len)  # train.max_tokens
+    sched = BatchSchedule.from_config(cfg.train, cfg.data.seq_len)
     tokenizer = build_tokenizer(cfg.data)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {tokenizer.vocab_size}; set model.vocab_size>="
                           f"{tokenizer.vocab_size}")
-    dataset = build_dataset(cfg.data, tokenizer)
     rank, world = launch_rank_world()
     topology = check_layout(cfg, world)
     dp, dp_rank = topology.dp, topology.rank_info(rank).dp
     tcfg = cfg.train
-    loader = DataLoader(dataset, tcfg.global_batch, tcfg.micro_batch, dp_rank, dp, cfg.data.seed)
+    loader = build_loader(cfg, tokenizer, dp_rank, dp, announce=rank == 0)
     device = _resolve_device(cfg)
     rank, world = init_distributed(cfg, device)
 
@@ -208,14 +211,14 @@ def train(cfg: Config) -> TrainResult:
                                            cfg.model.top_k)
                 par.reduce_grads()
                 grad_norm = par.clip_grad_norm(tcfg.grad_clip)
-                lr = lr_at(step, tcfg)
+                lr = lr_at(step, tcfg, sched)
                 set_lr(optimizer, lr)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
                 loss_val = stats[0].item() / n_tok
                 dt = time.time() - t0
-                tokens = tcfg.global_batch * cfg.data.seq_len
+                tokens = sched.rows(step) * cfg.data.seq_len
                 tps = tokens / max(dt, 1e-9)
                 record = {"step": step + 1, "loss": loss_val, "lr": lr,
                           "aux_loss": moe_summary["aux_loss"],
