@@ -189,7 +189,7 @@ def train(cfg: Config) -> TrainResult:
                 micro = [par.shard_batch(b, device) for b in loader.next_step()]  # CP: a piece
                 n_tok = torch.tensor([float(sum(b.loss_mask.sum().item() for b in micro))])
                 n_tok = max(par.all_reduce(n_tok, "dp_cp").item(), 1.0)  # CP: pieces of rows
-                model.begin_step(tcfg.global_batch * cfg.data.seq_len)  # tokens routed, all ranks
+                model.begin_step(sched.rows(step) * cfg.data.seq_len)  # tokens routed, all ranks
                 lm_sum = torch.zeros((), dtype=torch.float64)
                 for i, batch in enumerate(micro):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
