@@ -167,6 +167,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     init_from: Optional[str] = None
+    # A step with a non-finite loss or gradient norm is skipped (no update); this many in a row
+    # stop the run (see mmtrain/train/health.py).
+    max_bad_steps: int = 5
+    spike_factor: float = 0.0  # > 1: log losses above spike_factor x their running mean; 0: off
 
     def validate(self, path: str = "train") -> None:
         if self.max_steps < 1:
@@ -196,6 +200,10 @@ class TrainConfig:
             _fail(f"{path}.device", f"unknown '{self.device}'; use auto, cpu or cuda")
         if self.dtype not in ("auto", "fp32", "bf16"):
             _fail(f"{path}.dtype", f"unknown '{self.dtype}'; use auto, fp32 or bf16")
+        if self.max_bad_steps < 1:
+            _fail(f"{path}.max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
+        if self.spike_factor != 0 and not self.spike_factor > 1:
+            _fail(f"{path}.spike_factor", f"must be 0 (off) or > 1, got {self.spike_factor}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,6 +309,8 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            _fail(path, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
