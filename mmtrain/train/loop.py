@@ -27,6 +27,7 @@ from mmtrain.config import Config, ConfigError
 from mmtrain.parallel.apply import check_layout
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train import faults
+from mmtrain.train.elastic import store_for_attempt
 from mmtrain.train.health import StepHealth, TrainingAborted, finite_or_none
 from mmtrain.train.metrics import MetricsLogger, peak_flops
 from mmtrain.train.optim import lr_at, set_lr
@@ -63,7 +64,13 @@ def init_distributed(cfg: Config, device: torch.device) -> tuple[int, int]:
     backend = cfg.parallel.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+    timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
+    store = store_for_attempt(timeout)  # torchrun restarts: a fresh namespace per attempt
+    if store is None:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=world, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -43,7 +43,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = None
-        self.interval = max(0.2, min(1.0, self.timeout / 10))
+        self.interval = max(0.2, min(0.5, self.timeout / 10))
 
     # ------------------------------------------------------------------ main thread
     def start(self) -> "Watchdog":
