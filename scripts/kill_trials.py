@@ -12,7 +12,8 @@ directory and kills it once (SIGKILL, no chance to clean up), in one of two ways
   loader/RNG JSON), ``commit`` (meta.json written, before the rename), ``rename`` (just after the
   rename, before the directory sync and pruning), ``prune`` (an old checkpoint renamed aside, not
   yet deleted); under 2-rank torchrun on a random rank (rank 0 for the phases only rank 0 has);
-* after a random delay into training, from outside: ``os.killpg`` of the whole job (every rank,
+* from outside, at a random moment of training (once a random number of steps is logged, after
+  a further random delay of up to 0.2 s): ``os.killpg`` of the whole job (every rank at once,
   like a lost node).
 
 After the kill it checks that every checkpoint the trainer would consider complete has all the
@@ -59,7 +60,8 @@ class Trial:
     how: str  # a phase name, or "timer"
     step: int = 0  # the step of the phase fault
     rank: int = 0
-    delay: float = 0.0  # "timer": seconds after the first logged step
+    after: int = 1  # "timer": steps logged before the countdown starts
+    delay: float = 0.0  # "timer": seconds after that
     killed: bool = False
     resumed_from: int = 0  # step of the checkpoint the resume started from (0: from scratch)
     checkpoints_ok: bool = False
@@ -162,7 +164,7 @@ def run_trial(trial: Trial, workdir: Path, ref: list, index: int = 0) -> Trial:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     if trial.how == "timer":
         deadline = time.time() + 300
-        while not losses(run) and proc.poll() is None and time.time() < deadline:
+        while len(losses(run)) < trial.after and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         time.sleep(trial.delay)
         if proc.poll() is None:
@@ -205,7 +207,8 @@ def run_trial(trial: Trial, workdir: Path, ref: list, index: int = 0) -> Trial:
 def draw(rng: random.Random, world: int) -> Trial:
     how = rng.choice(PHASES + ("timer", "timer"))
     if how == "timer":
-        return Trial(world, how, delay=round(rng.uniform(0.0, 1.5), 3))
+        return Trial(world, how, after=rng.randint(1, STEPS - 1),
+                     delay=round(rng.uniform(0.0, 0.2), 3))
     first = 3 if how == "prune" else 1  # keep_last=2: pruning starts at step 3
     step = rng.randint(first, STEPS)
     rank = 0 if (how in RANK0_ONLY or world == 1) else rng.randrange(world)
@@ -232,7 +235,7 @@ def main(argv=None) -> int:
         ts = time.time()
         run_trial(t, workdir, refs[t.world], i)
         trials.append(t)
-        where = (f"after {t.delay:.2f} s" if t.how == "timer"
+        where = (f"step {t.after} +{t.delay:.2f}s" if t.how == "timer"
                  else f"step {t.step} rank {t.rank}")
         print(f"trial {i + 1:2d}: {t.world} rank(s), kill {t.how:<10} {where:<16} killed="
               f"{t.killed!s:<5} resumed_from={t.resumed_from} checkpoints_ok="

@@ -136,7 +136,13 @@ def train(cfg: Config) -> TrainResult:
     """Run (or resume) training as configured; every rank calls this."""
     from mmtrain.data import DataLoader, build_dataset, build_tokenizer
 
-    # Everything that can be wrong with the recipe or the data fails here, before any collective.
+    # Everything that can be wrong with the recipe or the data fails here, before any collective
+    # (the layout first: it is pure and cheap).
+    rank, world = launch_rank_world()
+    topology = check_layout(cfg, world)
+    if cfg.train.init_from and not os.path.exists(os.path.expanduser(cfg.train.init_from)):
+        raise ConfigError(f"train.init_from: '{cfg.train.init_from}' does not exist; give an "
+                          f"mmtrain checkpoint or run dir, or a HF model directory")
     tokenizer = build_tokenizer(cfg.data)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
@@ -144,8 +150,6 @@ def train(cfg: Config) -> TrainResult:
                           f"set model.vocab_size>={tokenizer.vocab_size} or use a tokenizer "
                           f"that fits the model")
     dataset = build_dataset(cfg.data, tokenizer)
-    rank, world = launch_rank_world()
-    topology = check_layout(cfg, world)
     dp, dp_rank = topology.dp, topology.rank_info(rank).dp
     tcfg = cfg.train
     loader = DataLoader(dataset, tcfg.global_batch, tcfg.micro_batch, dp_rank, dp, cfg.data.seed)

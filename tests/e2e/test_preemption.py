@@ -21,7 +21,7 @@ OVR = ["model.hidden_size=32", "model.ffn_hidden_size=32", "model.num_layers=2",
        "model.softmax_every=2", "model.num_heads=2", "model.num_kv_heads=1", "data.seq_len=32",
        "data.corpus_max_bytes=60000", "train.global_batch=4", "train.micro_batch=2",
        "train.warmup_steps=2", "run.progress=false", "parallel.timeout_s=60"]
-STEPS = 24
+STEPS = 12
 
 
 def _steps(run):
@@ -37,7 +37,7 @@ def test_slurm_usr1_preempts_all_ranks_and_the_requeued_job_resumes(slurm, tmp_p
     env = subprocess_env(MMTRAIN_PYTHON=sys.executable, MMTRAIN_HEAD_ADDR="127.0.0.1",
                          MASTER_PORT=free_port(), NPROC=1, PYTHONPATH=str(REPO),
                          TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-                         MMTRAIN_FAULT="slow@1+:secs=0.25")  # steps slow enough to signal mid-run
+                         MMTRAIN_FAULT="slow@1+:secs=0.4")  # steps slow enough to signal mid-run
     job = slurm.sbatch(["-N", "2", "--requeue", "--open-mode=append", f"--output={out_file}",
                         f"--chdir={REPO}", str(REPO / "launch" / "slurm.sbatch"), *OVR,
                         f"train.max_steps={STEPS}", f"run.dir={run}"], env)
