@@ -320,6 +320,8 @@ def load(path, model, optimizer=None, tensors: dict | None = None) -> dict:
     if optimizer is not None and tensors is None:
         state.update({f"optim.{k}": v for k, v in
                       optimizer_tensors(model, optimizer, materialize=True).items()})
+    # Vet the metadata first, so a refusal surfaces as UnpicklingError (DCP would wrap it).
+    SafeReader(str(path)).read_metadata()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, storage_reader=SafeReader(str(path)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,8 +123,8 @@ def _check_same_model(cfg: Config, path) -> None:
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
         shown = ", ".join(f"model.{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:3])
-        raise ConfigError(f"run.dir: {cfg.run.dir} holds a checkpoint of another model ({shown}"
-                          f"{', ...' if len(diff) > 3 else ''}); use a fresh run.dir, or "
+        raise ConfigError(f"run.dir: {cfg.run.dir} holds a checkpoint of another model ({path}: "
+                          f"{shown}{', ...' if len(diff) > 3 else ''}); use a fresh run.dir, or "
                           f"train.init_from={path} to start a new run from its weights")
 
 
@@ -150,6 +151,11 @@ def train(cfg: Config) -> TrainResult:
                           f"set model.vocab_size>={tokenizer.vocab_size} or use a tokenizer "
                           f"that fits the model")
     dataset = build_dataset(cfg.data, tokenizer)
+    if len(dataset) < cfg.train.global_batch:  # name the corpus: the loader cannot
+        raise ConfigError(f"data.corpus: {cfg.data.corpus} gives {len(dataset)} rows of "
+                          f"data.seq_len={cfg.data.seq_len} tokens, fewer than one global batch "
+                          f"(train.global_batch={cfg.train.global_batch}); use more text, a "
+                          f"smaller data.seq_len or a smaller train.global_batch")
     dp, dp_rank = topology.dp, topology.rank_info(rank).dp
     tcfg = cfg.train
     loader = DataLoader(dataset, tcfg.global_batch, tcfg.micro_batch, dp_rank, dp, cfg.data.seed)
@@ -168,7 +174,11 @@ def train(cfg: Config) -> TrainResult:
     optimizer = par.build_optimizer(tcfg)
     start_step = 0
     if latest is not None:
-        state = par.load_checkpoint(latest, optimizer)
+        try:
+            state = par.load_checkpoint(latest, optimizer)
+        except pickle.UnpicklingError as exc:  # never unpickled: refused before any data is read
+            raise ConfigError(f"run.dir: checkpoint {latest} was refused ({exc}); it is not a "
+                              f"checkpoint mmtrain wrote: delete it, or restore the original")
         start_step = ckpt.read_meta(latest)["step"]
         loader.load_state_dict(state["loader"])
         ckpt.decode_rng(state["rng"])
