@@ -310,9 +310,9 @@ def train(cfg: Config) -> TrainResult:
                     break
             else:
                 exit_reason = "done"
-        except Exception as exc:
+        except RuntimeError as exc:  # gloo/NCCL errors (DistBackendError is one)
             if world > 1 and wd.phase_name.split(" ", 1)[0] in COLLECTIVE_PHASES \
-                    and not isinstance(exc, (ConfigError, TrainingAborted)):
+                    and not isinstance(exc, TrainingAborted):
                 raise wd.failure(exc) from exc
             raise
         finally:
