@@ -23,7 +23,6 @@ def refs(tmp_path_factory):
 
 @pytest.mark.parametrize("trial", [
     Trial(world=1, how="data_state", step=3),   # half of the loader/RNG JSON written
-    Trial(world=1, how="commit", step=4),       # meta.json written, not renamed
     Trial(world=2, how="rename", step=5),       # renamed into place, not synced nor pruned
     Trial(world=2, how="ckpt_write", step=2, rank=1),  # rank 1 wrote its tensors, no JSON yet
 ], ids=lambda t: f"w{t.world}-{t.how}")
