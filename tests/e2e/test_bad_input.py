@@ -1,5 +1,6 @@
 """Corrupt and mismatched input: each case ends in one line naming the file and the fix, exit
-status 2, with nothing in the run directory created or changed."""
+status 2, with nothing in the run directory created or changed. Through the CLI in-process (the
+malicious-pickle cases as real processes)."""
 
 import hashlib
 import json
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmtrain import cli
 from mmtrain.recipe import load_config
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train.loop import train
@@ -18,9 +20,22 @@ from tests.conftest import subprocess_env
 from tests.e2e.test_train_resume import SMALL
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "mmtrain", "train", *SMALL, *args],
-                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+class _Out:
+    def __init__(self, returncode, stderr):
+        self.returncode, self.stderr = returncode, stderr
+
+
+@pytest.fixture
+def _cli(capsys):
+    """``mmtrain train SMALL + args`` through the CLI in this process (as a subprocess would,
+    minus the imports): its exit status and stderr."""
+
+    def run(*args):
+        capsys.readouterr()
+        rc = cli.main(["train", *SMALL, *args])
+        return _Out(rc, capsys.readouterr().err)
+
+    return run
 
 
 def _snapshot(root: Path) -> dict:
@@ -53,7 +68,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_tokenizer_larger_than_the_model(tmp_path):
+def test_tokenizer_larger_than_the_model(tmp_path, _cli):
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
 
@@ -66,7 +81,7 @@ def test_tokenizer_larger_than_the_model(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_checkpoint_of_another_model(tmp_path, trained):
+def test_checkpoint_of_another_model(tmp_path, _cli, trained):
     run = _copy(trained, tmp_path / "run")
     before = _snapshot(run)
     line = _one_line(_cli("model.hidden_size=64", "train.max_steps=3", f"run.dir={run}"),
@@ -77,7 +92,7 @@ def test_checkpoint_of_another_model(tmp_path, trained):
 
 
 @pytest.mark.parametrize("victim", ["__0_0.distcp", "meta.json", "rank_00000.json"])
-def test_half_deleted_checkpoint(tmp_path, trained, victim):
+def test_half_deleted_checkpoint(tmp_path, _cli, trained, victim):
     run = _copy(trained, tmp_path / "run")
     newest = run / "checkpoints" / "step_00000002"
     (newest / victim).unlink()
@@ -94,7 +109,7 @@ def test_half_deleted_checkpoint(tmp_path, trained, victim):
     assert [s for s, _ in res.losses] == [2, 3]
 
 
-def test_truncated_checkpoint_file(tmp_path, trained):
+def test_truncated_checkpoint_file(tmp_path, _cli, trained):
     run = _copy(trained, tmp_path / "run")
     f = run / "checkpoints" / "step_00000002" / "__0_0.distcp"
     f.write_bytes(f.read_bytes()[:100])
@@ -102,7 +117,7 @@ def test_truncated_checkpoint_file(tmp_path, trained):
     assert "__0_0.distcp (size 100, expected" in line
 
 
-def test_sequence_length_the_data_cannot_fill(tmp_path):
+def test_sequence_length_the_data_cannot_fill(tmp_path, _cli):
     corpus = tmp_path / "small.txt"
     corpus.write_text("a short text. " * 200)  # 2800 bytes
     out = _cli(f"data.corpus={corpus}", "data.seq_len=1024", f"run.dir={tmp_path / 'run'}")
@@ -148,7 +163,10 @@ def test_checkpoint_with_a_malicious_pickle_is_refused(tmp_path, trained, how):
         dcp.save(state, checkpoint_id=str(newest))
     _rewrite_manifest(newest)
     before = _snapshot(run)
-    line = _one_line(_cli("train.max_steps=3", f"run.dir={run}"), "run.dir:")
+    out = subprocess.run([sys.executable, "-m", "mmtrain", "train", *SMALL, "train.max_steps=3",
+                          f"run.dir={run}"], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=300)  # a real process: the CLI as used
+    line = _one_line(out, "run.dir:")
     assert f"checkpoint {newest} was refused" in line and "delete it" in line, line
     assert not marker.exists()
     assert _snapshot(run) == before

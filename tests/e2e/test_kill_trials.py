@@ -22,9 +22,8 @@ def refs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("trial", [
-    Trial(world=1, how="data_state", step=3),   # half of the loader/RNG JSON written
-    Trial(world=2, how="rename", step=5),       # renamed into place, not synced nor pruned
-    Trial(world=2, how="ckpt_write", step=2, rank=1),  # rank 1 wrote its tensors, no JSON yet
+    Trial(world=1, how="rename", step=4),       # renamed into place, not synced nor pruned
+    Trial(world=2, how="data_state", step=3, rank=1),  # half of rank 1's loader/RNG JSON written
 ], ids=lambda t: f"w{t.world}-{t.how}")
 def test_kill_trial(tmp_path, refs, trial):
     run_trial(trial, tmp_path, refs[trial.world])
