@@ -13,8 +13,10 @@
     mmtrain export-hf CHECKPOINT OUT    mmtrain checkpoint -> transformers MiniMax directory
     mmtrain import-hf HF_DIR OUT        transformers / remote-code MiniMax -> mmtrain checkpoint
 
-Overrides are Hydra's: ``model=small train.max_steps=50 run.dir=runs/x``. A bad recipe fails with
-one line naming the field and the fix (exit status 2).
+Overrides are Hydra's: ``model=small train.max_steps=50 run.dir=runs/x``. A bad recipe or input
+fails with one line naming the field (or file) and the fix (exit status 2). Training that cannot go
+on (``train.max_bad_steps`` non-finite steps in a row, a dead or stalled peer rank) ends with one
+line too (exit status 3).
 """
 
 from __future__ import annotations
@@ -137,12 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"error: unknown command '{cmd}'; use one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    from mmtrain.train.health import TrainingAborted
+
     try:
         return COMMANDS[cmd](rest)
     except ConfigError as exc:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingAborted as exc:  # non-finite steps, a dead or stalled peer: one line
+        if exc.every_rank or os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@ def _fail(path: str, msg: str) -> None:
     raise ConfigError(f"{path}: {msg}")
 
 
+def _check_seed(path: str, seed: int) -> None:
+    if not 0 <= seed < 2**63:
+        _fail(path, f"must be within 0..2**63-1 (a torch seed), got {seed}")
+
+
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
@@ -102,7 +107,7 @@ class ModelConfig:
             _fail(f"{path}.softmax_every", f"must be >= 0 (0 = all lightning), got {self.softmax_every}")
         if self.softmax_layers is not None:
             for i in self.softmax_layers:
-                if not isinstance(i, int) or not 0 <= i < self.num_layers:
+                if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.num_layers:
                     _fail(f"{path}.softmax_layers", f"index {i} is out of range for num_layers="
                           f"{self.num_layers}; use 0-based indices 0..{self.num_layers - 1}")
         rd = self.rope_dim
@@ -115,6 +120,9 @@ class ModelConfig:
         for name in ("norm_eps", "lightning_norm_eps", "rope_theta", "embedding_init_std"):
             if not getattr(self, name) > 0:
                 _fail(f"{path}.{name}", f"must be > 0, got {getattr(self, name)}")
+        if self.max_position_embeddings < 1:
+            _fail(f"{path}.max_position_embeddings",
+                  f"must be >= 1, got {self.max_position_embeddings}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,6 +167,7 @@ class DataConfig:
             _fail(f"{path}.tokenizer", "is empty; use 'byte' or a path to a tokenizer.json")
         if not self.corpus:
             _fail(f"{path}.corpus", "is empty; use 'stdlib' or a path to text")
+        _check_seed(f"{path}.seed", self.seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,6 +211,10 @@ class TrainConfig:
     # exp_decay / wsd with max_tokens > 0: the decay starts at this many tokens (0: decay_start
     # steps); wsd decays linearly, exp_decay geometrically, both to min_lr at the end.
     decay_start_tokens: int = 0
+    # A step with a non-finite loss or gradient norm is skipped (no update); this many in a row
+    # stop the run (see mmtrain/train/health.py).
+    max_bad_steps: int = 5
+    spike_factor: float = 0.0  # > 1: log losses above spike_factor x their running mean; 0: off
 
     def validate(self, path: str = "train") -> None:
         if self.max_steps < 1:
@@ -217,6 +230,13 @@ class TrainConfig:
                   f"or wsd")
         if self.warmup_steps < 0:
             _fail(f"{path}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.decay_start < 0:
+            _fail(f"{path}.decay_start", f"must be >= 0, got {self.decay_start}")
+        if not self.eps > 0:
+            _fail(f"{path}.eps", f"must be > 0 (Adam's epsilon), got {self.eps}")
+        _check_seed(f"{path}.seed", self.seed)
+        if self.init_from is not None and not self.init_from:
+            _fail(f"{path}.init_from", "is empty; give a checkpoint or HF directory, or null")
         if self.weight_decay < 0:
             _fail(f"{path}.weight_decay", f"must be >= 0, got {self.weight_decay}")
         for name in ("beta1", "beta2"):
@@ -226,8 +246,11 @@ class TrainConfig:
             _fail(f"{path}.grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
         if self.aux_loss_coef < 0:
             _fail(f"{path}.aux_loss_coef", f"must be >= 0, got {self.aux_loss_coef}")
-        if self.ckpt_every < 0 or self.keep_last < 1 or self.log_every < 1:
-            _fail(f"{path}.ckpt_every", "ckpt_every must be >= 0, keep_last and log_every >= 1")
+        if self.ckpt_every < 0:
+            _fail(f"{path}.ckpt_every", f"must be >= 0 (0 = only at the end), got {self.ckpt_every}")
+        for name in ("keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                _fail(f"{path}.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
             _fail(f"{path}.device", f"unknown '{self.device}'; use auto, cpu or cuda")
         if self.dtype not in ("auto", "fp32", "bf16"):
@@ -235,6 +258,10 @@ class TrainConfig:
         from mmtrain.train.schedules import validate_train_schedules
 
         validate_train_schedules(self, path)
+        if self.max_bad_steps < 1:
+            _fail(f"{path}.max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
+        if self.spike_factor != 0 and not self.spike_factor > 1:
+            _fail(f"{path}.spike_factor", f"must be 0 (off) or > 1, got {self.spike_factor}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,6 +318,8 @@ class WandbConfig:
     def validate(self, path: str = "run.wandb") -> None:
         if self.mode not in ("offline", "online", "disabled"):
             _fail(f"{path}.mode", f"unknown '{self.mode}'; use offline, online or disabled")
+        if not self.project:
+            _fail(f"{path}.project", "is empty; name a wandb project (e.g. mmtrain)")
 
 
 @dataclass
@@ -368,6 +397,8 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            _fail(path, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

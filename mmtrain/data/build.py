@@ -32,5 +32,12 @@ def build_loader(cfg: Config, tokenizer, dp_rank: int, dp: int, announce: bool =
     from mmtrain.data.packing import build_dataset
 
     dataset = build_dataset(cfg.data, tokenizer, announce=announce)
+    if len(dataset) < cfg.train.global_batch:  # name the corpus: the loader cannot
+        from mmtrain.config import ConfigError
+
+        raise ConfigError(f"data.corpus: {cfg.data.corpus} gives {len(dataset)} rows of "
+                          f"data.seq_len={cfg.data.seq_len} tokens, fewer than one global batch "
+                          f"(train.global_batch={cfg.train.global_batch}); use more text, a "
+                          f"smaller data.seq_len or a smaller train.global_batch")
     return DataLoader(dataset, cfg.train.global_batch, cfg.train.micro_batch, dp_rank, dp,
                       cfg.data.seed)

@@ -5,11 +5,18 @@ Layout of ``<run dir>/checkpoints/``::
     step_00000100/            complete checkpoints only (renamed into place at the very end)
       .metadata, *.distcp     DCP: "model.<fqn>" and "optim.<fqn>.{exp_avg,exp_avg_sq,step}"
       rank_00000.json         per-rank state: data loader, RNG states
-      meta.json               step, world size, config (written last, before the rename)
+      meta.json               step, world size, config, and "files": the name and size of every
+                              other file (written last, before the rename)
     .tmp_step_00000200/       a write in progress (or killed): ignored and cleaned up
+    .old_step_00000050/       being deleted (pruned, or replaced by a re-save): ignored
 
 The write goes to ``.tmp_step_*`` and is renamed into place only once every rank has finished, so
 a crash (even ``kill -9``) at any point leaves the previous checkpoint as the newest complete one.
+Deletion is the reverse: a checkpoint is first renamed to ``.old_step_*`` and only then removed,
+so a kill during a deletion never leaves a ``step_*`` directory with files missing. A ``step_*``
+directory that has lost files anyway (deleted by hand, a full disk) is found by
+:func:`check_resumable` from ``meta.json``'s file list, and the run refuses to start with one line
+naming the directory and the fix instead of resuming from something else.
 
 Loading never unpickles arbitrary objects: tensors load with ``weights_only=True`` (DCP) and
 DCP's metadata file is read by an unpickler that admits only DCP's own metadata classes, torch
@@ -34,6 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+from mmtrain.train import faults
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -163,6 +172,7 @@ def save(run_dir, step: int, model, optimizer, rank_state: dict[str, Any],
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
+    faults.point("ckpt_start", step)
     if tensors is not None:
         state = dict(tensors)
     else:
@@ -171,27 +181,52 @@ def save(run_dir, step: int, model, optimizer, rank_state: dict[str, Any],
     with warnings.catch_warnings():  # single-process runs: DCP warns that it has no group
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save(state, checkpoint_id=str(tmp))
+    faults.point("ckpt_write", step)
+    text = json.dumps(rank_state)
     with open(tmp / f"rank_{_rank():05d}.json", "w") as f:
-        json.dump(rank_state, f)
+        f.write(text[:len(text) // 2])
+        f.flush()
+        faults.point("data_state", step)
+        f.write(text[len(text) // 2:])
         f.flush()
         os.fsync(f.fileno())
     _barrier()
     if _rank() == 0:
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         with open(tmp / "meta.json", "w") as f:
-            json.dump({"step": step, "world_size": _world(), **meta}, f, indent=1)
+            json.dump({"step": step, "world_size": _world(), **meta, "files": files}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        faults.point("commit", step)
         if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
+            _discard(final)
         os.rename(tmp, final)
-        dfd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        prune(root, keep_last)
+        faults.point("rename", step)
+        _fsync_dir(root)
+        prune(root, keep_last, step)
     _barrier()
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _discard(path: Path, step: int | None = None) -> None:
+    """Delete a checkpoint directory: rename it out of the ``step_*`` namespace first (atomic),
+    then remove it, so a kill in between leaves nothing that looks like a checkpoint."""
+    trash = path.with_name(".old_" + path.name)
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    _fsync_dir(path.parent)
+    if step is not None:
+        faults.point("prune", step)  # test-only hook: killed between the rename and the removal
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def complete_checkpoints(run_dir) -> list[Path]:
@@ -208,12 +243,61 @@ def latest(run_dir) -> Path | None:
     return found[-1] if found else None
 
 
-def prune(root: Path, keep_last: int) -> None:
+def prune(root: Path, keep_last: int, step: int | None = None) -> None:
     found = complete_checkpoints(root.parent)
-    for old in found[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp_step_*"):
+    for i, old in enumerate(found[:-keep_last]):
+        _discard(old, step if i == 0 else None)
+    for stale in list(root.glob(".tmp_step_*")) + list(root.glob(".old_step_*")):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def step_dirs(run_dir) -> list[Path]:
+    """Every ``step_*`` directory, complete or not, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def missing_files(path) -> list[str]:
+    """What a ``step_*`` directory lacks (by ``meta.json``'s file list): names, with
+    "(size ...)" when present with the wrong size; [] when complete."""
+    path = Path(path)
+    try:
+        meta = read_meta(path)
+    except FileNotFoundError:
+        return ["meta.json"]
+    except (OSError, ValueError):
+        return ["meta.json (unreadable)"]
+    out = []
+    for name, size in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            out.append(name)
+        elif f.stat().st_size != size:
+            out.append(f"{name} (size {f.stat().st_size}, expected {size})")
+    return out
+
+
+def check_resumable(run_dir) -> Path | None:
+    """The checkpoint to resume from (None: start afresh), after checking that the newest
+    ``step_*`` directory is complete; a damaged one raises a one-line ConfigError naming it and
+    the fix (nothing is written or deleted)."""
+    from mmtrain.config import ConfigError
+
+    dirs = step_dirs(run_dir)
+    if not dirs:
+        return None
+    newest = dirs[-1]
+    lost = missing_files(newest)
+    if lost:
+        good = [d for d in dirs[:-1] if not missing_files(d)]
+        then = (f"resume from {good[-1].name}" if good else "start afresh")
+        raise ConfigError(f"run.dir: checkpoint {newest} is incomplete (missing "
+                          f"{', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}); restore "
+                          f"those files, or delete {newest} to {then}")
+    return newest
 
 
 # ------------------------------------------------------------------------------------- load

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +33,14 @@ from mmtrain.model.moe import step_summary
 from mmtrain.parallel.apply import check_layout
 from mmtrain.parallel.context import layout_summary
 from mmtrain.train import checkpoint as ckpt
+from mmtrain.train import faults
+from mmtrain.train.elastic import store_for_attempt
+from mmtrain.train.health import StepHealth, TrainingAborted, finite_or_none
 from mmtrain.train.metrics import MetricsLogger, peak_flops
 from mmtrain.train.optim import set_lr
 from mmtrain.train.schedules import BatchSchedule, lr_at, resolve_max_steps
 from mmtrain.train.stop import GracefulStop
+from mmtrain.train.watchdog import Watchdog
 
 
 @dataclass
@@ -43,7 +48,8 @@ class TrainResult:
     losses: list = field(default_factory=list)  # (step, loss) of the steps run in this call
     final_step: int = 0
     run_dir: str = ""
-    stopped: bool = False  # ended early by SIGTERM / Ctrl-C (after a checkpoint)
+    stopped: bool = False  # ended early by SIGTERM / SIGUSR1 / Ctrl-C (after a checkpoint)
+    skipped: list = field(default_factory=list)  # steps skipped for a non-finite loss/grad norm
 
 
 def _resolve_device(cfg: Config) -> torch.device:
@@ -66,7 +72,13 @@ def init_distributed(cfg: Config, device: torch.device) -> tuple[int, int]:
     backend = cfg.parallel.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+    timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
+    store = store_for_attempt(timeout)  # torchrun restarts: a fresh namespace per attempt
+    if store is None:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=world, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -118,9 +130,14 @@ def _check_same_model(cfg: Config, path) -> None:
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
         shown = ", ".join(f"model.{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:3])
-        raise ConfigError(f"run.dir: {cfg.run.dir} holds a checkpoint of another model ({shown}"
-                          f"{', ...' if len(diff) > 3 else ''}); use a fresh run.dir, or "
+        raise ConfigError(f"run.dir: {cfg.run.dir} holds a checkpoint of another model ({path}: "
+                          f"{shown}{', ...' if len(diff) > 3 else ''}); use a fresh run.dir, or "
                           f"train.init_from={path} to start a new run from its weights")
+
+
+#: Watchdog phases (first word) that are collectives: an exception there is a peer failure.
+COLLECTIVE_PHASES = ("all_reduce(dp)", "all_reduce(tp_dp)", "gradient", "all_reduce",
+                     "checkpoint")
 
 
 def train(cfg: Config) -> TrainResult:
@@ -128,42 +145,54 @@ def train(cfg: Config) -> TrainResult:
     from mmtrain.data import build_tokenizer
     from mmtrain.data.build import build_loader
 
-    # Everything that can be wrong with the recipe or the data fails here, before any collective.
+    # Everything that can be wrong with the recipe or the data fails here, before any collective
+    # (the layout first: it is pure and cheap).
     cfg.train.max_steps = resolve_max_steps(cfg.train, cfg.data.seq_len)  # train.max_tokens
     sched = BatchSchedule.from_config(cfg.train, cfg.data.seq_len)
+    rank, world = launch_rank_world()
+    topology = check_layout(cfg, world)
+    if cfg.train.init_from and not os.path.exists(os.path.expanduser(cfg.train.init_from)):
+        raise ConfigError(f"train.init_from: '{cfg.train.init_from}' does not exist; give an "
+                          f"mmtrain checkpoint or run dir, or a HF model directory")
     tokenizer = build_tokenizer(cfg.data)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
-                          f"tokenizer's {tokenizer.vocab_size}; set model.vocab_size>="
-                          f"{tokenizer.vocab_size}")
-    rank, world = launch_rank_world()
-    topology = check_layout(cfg, world)
+                          f"{tokenizer.vocab_size} ids of data.tokenizer={cfg.data.tokenizer}; "
+                          f"set model.vocab_size>={tokenizer.vocab_size} or use a tokenizer "
+                          f"that fits the model")
     dp, dp_rank = topology.dp, topology.rank_info(rank).dp
     tcfg = cfg.train
     loader = build_loader(cfg, tokenizer, dp_rank, dp, announce=rank == 0)
     device = _resolve_device(cfg)
     rank, world = init_distributed(cfg, device)
 
+    # A damaged newest checkpoint or another model's run dir fails here, before anything is
+    # written (config.yaml, metrics.jsonl and the checkpoints stay as they are).
     run_dir = Path(cfg.run.dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        from omegaconf import OmegaConf
-
-        OmegaConf.save(OmegaConf.create(cfg.to_dict()), run_dir / "config.yaml")
+    latest = ckpt.check_resumable(run_dir)
+    if latest is not None:
+        _check_same_model(cfg, latest)
 
     torch.manual_seed(tcfg.seed)
     model, par = build_parallel(cfg, topology, device)
     optimizer = par.build_optimizer(tcfg)
     start_step = 0
-    latest = ckpt.latest(run_dir)
     if latest is not None:
-        _check_same_model(cfg, latest)
-        state = par.load_checkpoint(latest, optimizer)
+        try:
+            state = par.load_checkpoint(latest, optimizer)
+        except pickle.UnpicklingError as exc:  # never unpickled: refused before any data is read
+            raise ConfigError(f"run.dir: checkpoint {latest} was refused ({exc}); it is not a "
+                              f"checkpoint mmtrain wrote: delete it, or restore the original")
         start_step = ckpt.read_meta(latest)["step"]
         loader.load_state_dict(state["loader"])
         ckpt.decode_rng(state["rng"])
     if dist.is_initialized():
         dist.barrier()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from omegaconf import OmegaConf
+
+        OmegaConf.save(OmegaConf.create(cfg.to_dict()), run_dir / "config.yaml")
 
     from mmtrain.model import account
 
@@ -181,14 +210,20 @@ def train(cfg: Config) -> TrainResult:
                    f"({acct.params_active / 1e6:.2f}M active), {world} process(es) on {device}; "
                    + layout_summary(cfg.parallel, cfg.data.seq_len, topology.dp))
     result = TrainResult(run_dir=str(run_dir), final_step=start_step)
+    health = StepHealth(tcfg.max_bad_steps, tcfg.spike_factor)
+    wd = Watchdog(run_dir, rank, world, cfg.parallel.timeout_s).start()
+    exit_reason = "error"
 
     with GracefulStop(announce=rank == 0) as stopper:
         try:
             for step in range(start_step, tcfg.max_steps):
                 t0 = time.time()
+                wd.phase("step", step + 1)
                 micro = [par.shard_batch(b, device) for b in loader.next_step()]  # CP: a piece
                 n_tok = torch.tensor([float(sum(b.loss_mask.sum().item() for b in micro))])
+                wd.phase("all_reduce(dp) token count", step + 1)
                 n_tok = max(par.all_reduce(n_tok, "dp_cp").item(), 1.0)  # CP: pieces of rows
+                wd.phase("forward/backward", step + 1)
                 model.begin_step(sched.rows(step) * cfg.data.seq_len)  # tokens routed, all ranks
                 lm_sum = torch.zeros((), dtype=torch.float64)
                 for i, batch in enumerate(micro):
@@ -197,51 +232,97 @@ def train(cfg: Config) -> TrainResult:
                     ce = par.token_ce(out.logits.float(), batch.labels)
                     lm = (ce * batch.loss_mask.view(-1)).sum()
                     loss = lm / n_tok + tcfg.aux_loss_coef * out.aux_loss
+                    poison = faults.loss_factor(step + 1)  # test-only hook: 1.0 normally
+                    if poison != 1.0:
+                        lm, loss = lm * poison, loss * poison
                     par.prepare_backward(last_micro_batch=i == len(micro) - 1)
                     loss.backward()
+                    if i == 0:
+                        wd.phase("forward", step + 1)  # fault hook: inside a step
                     lm_sum += lm.detach().double().cpu()
+                if faults.active("nan_grad", step + 1):  # test-only hook
+                    next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = \
+                        float("nan")
+                wd.phase("all_reduce(dp) loss stats", step + 1)
                 stats = par.all_reduce(lm_sum.view(1), "dp_cp")  # CP ranks hold pieces of it
-                # MoE statistics of every rank's own tokens, plus the stop flag: one reduction
+                # MoE statistics of every rank's own tokens, plus the stop and preemption flags:
+                # one reduction
+                wd.phase("all_reduce(tp_dp) routing stats + stop flag", step + 1)
                 moe = model.moe_stats()
                 flat = torch.cat([moe.reshape(-1).cpu(),
-                                  torch.tensor([float(stopper.requested)], dtype=torch.float64)])
+                                  torch.tensor([float(stopper.requested), float(stopper.preempted)],
+                                               dtype=torch.float64)])
                 flat = par.all_reduce(flat, "tp_dp_cp")
-                stop = flat[-1].item() > 0  # any rank signalled: all stop after this step
-                moe_summary = step_summary(flat[:-1].view(moe.shape), cfg.model.num_experts,
+                stop = flat[-2].item() > 0  # any rank signalled: all stop after this step
+                preempted = flat[-1].item() > 0
+                moe_summary = step_summary(flat[:-2].view(moe.shape), cfg.model.num_experts,
                                            cfg.model.top_k)
+                wd.phase("gradient reduction", step + 1)
                 par.reduce_grads()
+                wd.phase("all_reduce grad norm", step + 1)
                 grad_norm = par.clip_grad_norm(tcfg.grad_clip)
                 lr = lr_at(step, tcfg, sched)
                 set_lr(optimizer, lr)
-                optimizer.step()
+                loss_val = stats[0].item() / n_tok
+                # Non-finite loss or norm (global values: every rank decides alike): skip the
+                # update, keep weights and optimizer state; the step still counts.
+                skipped = health.check(step + 1, loss_val, float(grad_norm))
+                wd.phase("optimizer", step + 1)
+                if not skipped:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-                loss_val = stats[0].item() / n_tok
                 dt = time.time() - t0
                 tokens = sched.rows(step) * cfg.data.seq_len
                 tps = tokens / max(dt, 1e-9)
-                record = {"step": step + 1, "loss": loss_val, "lr": lr,
-                          "aux_loss": moe_summary["aux_loss"],
-                          "grad_norm": float(grad_norm), "tokens_per_s": tps,
+                record = {"step": step + 1, "loss": finite_or_none(loss_val), "lr": lr,
+                          "aux_loss": finite_or_none(moe_summary["aux_loss"]),
+                          "grad_norm": finite_or_none(float(grad_norm)), "tokens_per_s": tps,
                           "drop_rate": moe_summary["drop_rate"],
                           "expert_imbalance": moe_summary["expert_imbalance"],
                           "step_time_s": dt,
-                          "mfu": (acct.flops_per_token * tps / (peak * world)) if peak else None}
+                          "mfu": (acct.flops_per_token * tps / (peak * world)) if peak else None,
+                          "skipped": skipped}
+                spike = health.spike(loss_val)
+                if spike is not None:
+                    record["spike"] = True
+                    logger.message(f"loss spike at step {step + 1}: {loss_val:.4f} > "
+                                   f"{tcfg.spike_factor:g} x running mean {spike:.4f}")
                 logger.log(record)
+                if skipped:
+                    result.skipped.append(step + 1)
+                    logger.message(f"step {step + 1} skipped: non-finite "
+                                   f"{health.what(loss_val, float(grad_norm))}; weights and "
+                                   f"optimizer state unchanged ({len(health.bad_run)} in a row, "
+                                   f"train.max_bad_steps={tcfg.max_bad_steps})")
+                    if health.must_stop():
+                        raise health.abort(ckpt.latest(run_dir))
                 result.losses.append((step + 1, loss_val))
                 result.final_step = step + 1
                 done = step + 1 == tcfg.max_steps
-                if done or stop or (tcfg.ckpt_every and (step + 1) % tcfg.ckpt_every == 0):
+                periodic = tcfg.ckpt_every and (step + 1) % tcfg.ckpt_every == 0
+                if done or stop or (periodic and not health.bad_run):  # none amid bad steps
+                    wd.phase("checkpoint save", step + 1)
                     path = ckpt.save(run_dir, step + 1, model, optimizer,
                                      {"loader": loader.state_dict(), "rng": ckpt.encode_rng()},
                                      {"config": cfg.to_dict()}, tcfg.keep_last,
                                      tensors=par.checkpoint_tensors(optimizer))
                 if stop and not done:
-                    logger.message(f"stopped at step {step + 1} on request; checkpoint {path}; "
+                    how = ("preempted" if preempted else "stopped on request")
+                    logger.message(f"{how} at step {step + 1}: all ranks saved checkpoint {path}; "
                                    f"run the same command again to resume")
                     result.stopped = True
+                    exit_reason = how
                     break
+            else:
+                exit_reason = "done"
+        except RuntimeError as exc:  # gloo/NCCL errors (DistBackendError is one)
+            if world > 1 and wd.phase_name.split(" ", 1)[0] in COLLECTIVE_PHASES \
+                    and not isinstance(exc, TrainingAborted):
+                raise wd.failure(exc) from exc
+            raise
         finally:
+            wd.stop(exit_reason)
             logger.close()
     result.model = model  # type: ignore[attr-defined]
     result.parallel = par  # type: ignore[attr-defined]

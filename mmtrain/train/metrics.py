@@ -25,6 +25,10 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def _fmt(x, spec: str) -> str:
+    return "nan" if x is None else format(x, spec)  # non-finite values are logged as null
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str, cfg_dict: dict, total_steps: int, start_step: int,
                  enabled: bool, progress: bool, wandb_cfg=None):
@@ -83,7 +87,7 @@ class MetricsLogger:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        info = (f"loss {record['loss']:.4f}  aux {record['aux_loss']:.3f}  "
+        info = (f"loss {_fmt(record['loss'], '.4f')}  aux {_fmt(record['aux_loss'], '.3f')}  "
                 + (f"drop {record['drop_rate'] * 100:.1f}%  " if record.get("drop_rate") else "")
                 + (f"imb {record['expert_imbalance']:.2f}  "
                    if record.get("expert_imbalance") is not None else "")

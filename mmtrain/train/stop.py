@@ -1,9 +1,10 @@
-"""Graceful stop: SIGTERM (Slurm's time limit or preemption, torchrun's shutdown) or Ctrl-C lets
-the current step finish, writes a checkpoint and returns, so a run loses nothing. A second Ctrl-C
-stops at once.
+"""Graceful stop: SIGTERM or SIGUSR1 (Slurm's time limit or preemption, ``sbatch --signal``,
+``scancel --signal``, torchrun's shutdown) or Ctrl-C lets the current step finish, writes a
+checkpoint and returns, so a run loses nothing. A second Ctrl-C stops at once.
 
-Every rank reports its flag in the per-step statistics all-reduce, so all ranks stop after the
-same step even when only one of them was signalled.
+Every rank reports its flags in the per-step statistics all-reduce, so all ranks stop after the
+same step even when only one of them was signalled. SIGTERM and SIGUSR1 count as a preemption
+(the run says ``preempted at step N``); Ctrl-C as a stop on request.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import threading
 
 
 class GracefulStop:
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self, announce: bool = True):
         self.requested = False
+        self.preempted = False  # SIGTERM / SIGUSR1 (not Ctrl-C)
         self.announce = announce
         self._previous = {}
 
@@ -36,6 +38,7 @@ class GracefulStop:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.preempted = self.preempted or signum != signal.SIGINT
         if self.announce:
             print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a "
                   f"checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)

@@ -1,5 +1,5 @@
-"""SIGTERM (Slurm time limit, preemption) or Ctrl-C: finish the step, checkpoint, exit cleanly;
-the same command resumes exactly where it stopped."""
+"""SIGTERM / SIGUSR1 (Slurm time limit, preemption) or Ctrl-C: finish the step, checkpoint, exit
+cleanly; the same command resumes exactly where it stopped."""
 
 import json
 import os
@@ -38,7 +38,7 @@ def _signal_after(proc, run, sig, min_steps=2, timeout=240):
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_signal_checkpoints_and_resumes(tmp_path, sig):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "mmtrain.train", *SMALL, "train.max_steps=100000",
@@ -51,6 +51,8 @@ def test_signal_checkpoints_and_resumes(tmp_path, sig):
     latest = ckpt.latest(run)
     assert latest is not None and ckpt.read_meta(latest)["step"] == steps[-1]
     assert "run the same command again to resume" in out
+    how = "stopped on request" if sig == signal.SIGINT else "preempted"
+    assert f"{how} at step {steps[-1]}: all ranks saved checkpoint {latest}" in out
     # resuming continues at the next step and matches an uninterrupted run of the same length
     n = steps[-1]
     resumed = train(load_config(SMALL + [f"train.max_steps={n + 2}", f"run.dir={run}"]))
@@ -83,3 +85,6 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert latest is not None and ckpt.read_meta(latest)["step"] == steps[-1]
     assert ckpt.read_meta(latest)["world_size"] == 2
     assert (latest / "rank_00000.json").is_file() and (latest / "rank_00001.json").is_file()
+    assert f"preempted at step {steps[-1]}" in out
+    beats = [json.loads((run / "heartbeat" / f"rank_{r:05d}.json").read_text()) for r in (0, 1)]
+    assert [(b["step"], b["exited"]) for b in beats] == [(steps[-1], "preempted")] * 2
