@@ -243,101 +243,84 @@ def _send_back(st, y, p, n, ep_group, etp_group, etp, ready_ev):
     return out, work, ev
 
 
+def _pipeline(src, plans, bounds, ep_group, etp_group, compute):
+    """The group schedule shared by forward and backward: ``src`` rows in send order ->
+    ``compute(g, rows at the experts)`` -> the results back in send order. Group g+1 is fetched
+    while g computes; group g goes home while g+1 computes."""
+    st = _Streams(src.device)
+    etp = _size(etp_group)
+    ready = st.mark("main")
+
+    def fetch(g):
+        a, b = bounds[g]
+        return _fetch(st, src[a:b], plans[g], ep_group, etp_group, etp, ready)
+
+    pending = fetch(0) if plans else None
+    returns = []
+    for g, p in enumerate(plans):
+        here, pending = pending, (fetch(g + 1) if g + 1 < len(plans) else None)
+        rows = compute(g, _arrive(st, here))
+        returns.append(_send_back(st, rows, p, here[3], ep_group, etp_group, etp,
+                                  st.mark("main")) + (bounds[g],))
+    out = src.new_empty(src.shape)
+    for res, work, ev, (a, b) in returns:
+        st.wait("main", ev)
+        if work is not None:
+            work.wait()
+        out[a:b] = st.used_by(res, "main")
+    return out
+
+
 class _ExpertPipeline(torch.autograd.Function):
     """Rows sorted by (group, destination EP rank, expert) -> the experts' outputs in the same
     layout. Per group g: fetch (EP all-to-all, ETP all-gather) on the side stream, expert GEMMs
-    on the main stream, send back (ETP reduce-scatter, EP all-to-all) on the side stream; group
-    g+1 is fetched while group g computes, and group g goes home while g+1 computes. The
-    backward runs the same schedule on the gradients."""
+    on the main stream, send back (ETP reduce-scatter, EP all-to-all) on the side stream
+    (:func:`_pipeline`). The backward runs the same schedule on the gradients: they travel the
+    forward's return path backwards (EP all-to-all to the experts' ranks, ETP all-gather) and its
+    dispatch path home, which are the same collectives as fetch and send-back."""
 
     @staticmethod
     def forward(ctx, x_send, w13, w2, plans, ep_group, etp_group):
         dt = x_send.dtype
         w13c, w2c = w13.to(dt), w2.to(dt)
-        st = _Streams(x_send.device)
-        use_gmm = grouped_mm_available(x_send)
-        etp = _size(etp_group)
         bounds, pos = [], 0
         for p in plans:
             bounds.append((pos, pos + p.n_send))
             pos += p.n_send
-        dev_plans = [_to_device(p, x_send.device, use_gmm) for p in plans]
-        ready = st.mark("main")
-        fetched = [None] * len(plans)
-        if plans:
-            fetched[0] = _fetch(st, x_send[bounds[0][0]:bounds[0][1]], plans[0], ep_group,
-                                etp_group, etp, ready)
-        saved, returns = [], []
-        for g, p in enumerate(plans):
-            if g + 1 < len(plans):
-                a, b = bounds[g + 1]
-                fetched[g + 1] = _fetch(st, x_send[a:b], plans[g + 1], ep_group, etp_group,
-                                        etp, ready)
-            gathered = _arrive(st, fetched[g])
-            n = fetched[g][3]
-            fetched[g] = None
+        dev_plans = [_to_device(p, x_send.device, grouped_mm_available(x_send)) for p in plans]
+        saved = []
+
+        def experts(g, gathered):
             perm, inv, offs, counts = dev_plans[g]
             xg = gathered.index_select(0, perm)
             yg, hg = swiglu_forward(xg, w13c, w2c, offs, counts)
-            saved.append((xg, hg))
-            y_arrival = yg.index_select(0, inv)
-            returns.append(_send_back(st, y_arrival, p, n, ep_group, etp_group, etp,
-                                      st.mark("main")) + (bounds[g],))
-        y_send = x_send.new_empty(x_send.shape)
-        for out, work, ev, (a, b) in returns:
-            st.wait("main", ev)
-            if work is not None:
-                work.wait()
-            y_send[a:b] = st.used_by(out, "main")
+            saved.extend((xg, hg))
+            return yg.index_select(0, inv)
+
+        y_send = _pipeline(x_send, plans, bounds, ep_group, etp_group, experts)
         ctx.plans, ctx.groups, ctx.bounds = plans, (ep_group, etp_group), bounds
         ctx.dev_plans = dev_plans
         ctx.wdtypes = (w13.dtype, w2.dtype)
-        flat = [t for pair in saved for t in pair]
-        ctx.save_for_backward(w13c, w2c, *flat)
+        ctx.save_for_backward(w13c, w2c, *saved)
         return y_send
 
     @staticmethod
     def backward(ctx, dy_send):
         w13c, w2c, *flat = ctx.saved_tensors
-        plans, bounds, dev_plans = ctx.plans, ctx.bounds, ctx.dev_plans
-        ep_group, etp_group = ctx.groups
-        etp = _size(etp_group)
-        st = _Streams(dy_send.device)
-        dy_send = dy_send.contiguous().to(w13c.dtype)
         acc = torch.promote_types(w13c.dtype, torch.float32)  # fp32 (fp64 in fp64 tests)
         dw13 = torch.zeros(w13c.shape, dtype=acc, device=w13c.device)
         dw2 = torch.zeros(w2c.shape, dtype=acc, device=w2c.device)
-        ready = st.mark("main")
-        # the gradients travel the forward's return path backwards: EP all-to-all to the
-        # experts' ranks (the fetch plan), ETP all-gather, ... then the dispatch path home
-        fetched = [None] * len(plans)
-        if plans:
-            a, b = bounds[0]
-            fetched[0] = _fetch(st, dy_send[a:b], plans[0], ep_group, etp_group, etp, ready)
-        returns = []
-        for g, p in enumerate(plans):
-            if g + 1 < len(plans):
-                a, b = bounds[g + 1]
-                fetched[g + 1] = _fetch(st, dy_send[a:b], plans[g + 1], ep_group, etp_group,
-                                        etp, ready)
-            dy_recv = _arrive(st, fetched[g])
-            n = fetched[g][3]
-            fetched[g] = None
-            perm, inv, offs, counts = dev_plans[g]
-            xg, hg = flat[2 * g], flat[2 * g + 1]
-            dxg, dw13g, dw2g = swiglu_backward(dy_recv.index_select(0, perm), xg, hg, w13c,
-                                               w2c, offs, counts)
-            dw13 += dw13g
-            dw2 += dw2g
-            dx_arrival = dxg.index_select(0, inv)
-            returns.append(_send_back(st, dx_arrival, p, n, ep_group, etp_group, etp,
-                                      st.mark("main")) + (bounds[g],))
-        dx_send = dy_send.new_empty(dy_send.shape)
-        for out, work, ev, (a, b) in returns:
-            st.wait("main", ev)
-            if work is not None:
-                work.wait()
-            dx_send[a:b] = st.used_by(out, "main")
+
+        def experts(g, dy_recv):
+            perm, inv, offs, counts = ctx.dev_plans[g]
+            dxg, dw13g, dw2g = swiglu_backward(dy_recv.index_select(0, perm), flat[2 * g],
+                                               flat[2 * g + 1], w13c, w2c, offs, counts)
+            dw13.add_(dw13g)
+            dw2.add_(dw2g)
+            return dxg.index_select(0, inv)
+
+        dx_send = _pipeline(dy_send.contiguous().to(w13c.dtype), ctx.plans, ctx.bounds,
+                            *ctx.groups, experts)
         return (dx_send, dw13.to(ctx.wdtypes[0]), dw2.to(ctx.wdtypes[1]), None, None, None)
 
 
