@@ -189,7 +189,7 @@ def cached_corpus(cfg: DataConfig, tokenizer, announce: bool = False) -> str:
         return prefix
     if announce:
         print(f"data: preprocessing data.corpus={cfg.corpus} once into {prefix}.bin/.idx",
-              file=sys.stderr, flush=True)
+              flush=True)
     try:
         preprocess(cfg.corpus, prefix, cfg.tokenizer, workers=1, max_bytes=cfg.corpus_max_bytes,
                    progress=False)
