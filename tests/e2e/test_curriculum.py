@@ -129,7 +129,7 @@ def test_slurm_chain_requeues_a_signalled_stage_and_matches_the_local_run(local_
         wait_for(lambda: all(job_state(env, j) == "" for j in jobs), 600, "the chain")
         log2 = "".join(p.read_text() for p in (root / STAGES[1]).glob("slurm-*.out"))
         assert "requeueing job" in log2 and "(restart 1)" in log2, log2[-3000:]
-        assert "stopped at step" in log2, log2[-3000:]
+        assert "preempted at step" in log2, log2[-3000:]
         for stage in STAGES:
             got, want = _losses(root / stage), _losses(local_root / stage)
             assert [s for s, _ in got] == [s for s, _ in want], (stage, got)
