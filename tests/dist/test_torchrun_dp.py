@@ -8,7 +8,7 @@ from tests.conftest import free_port, subprocess_env
 
 OVR = ["model.hidden_size=32", "model.ffn_hidden_size=32", "model.num_layers=2",
        "model.softmax_every=2", "model.num_heads=2", "model.num_kv_heads=1", "data.seq_len=32",
-       "data.corpus_max_bytes=60000", "train.global_batch=4", "train.micro_batch=2",
+       "data.corpus_max_bytes=60000", "train.global_batch=4", "train.micro_batch=null",
        "train.max_steps=4", "train.warmup_steps=2", "run.progress=false", "parallel.timeout_s=60"]
 
 
