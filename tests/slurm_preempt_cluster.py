@@ -29,6 +29,7 @@ SlurmctldHost=localhost
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
 CredType=cred/munge
+AuthInfo=cred_expire=10
 SlurmUser=slurm
 StateSaveLocation={run}/state
 SlurmdSpoolDir={run}/spool/%n
