@@ -156,8 +156,7 @@ class Balance:
         with torch.no_grad():
             row = torch.cat([counts_E.to(torch.float64), probs_TE.detach().sum(0).double(),
                              dropped.reshape(1).double(),
-                             torch.tensor([float(probs_TE.shape[0])], dtype=torch.float64,
-                                          device=counts_E.device)])
+                             counts_E.new_full((1,), probs_TE.shape[0], dtype=torch.float64)])
             prev = self.stats.get(layer)
             self.stats[layer] = row if prev is None else prev + row
 
