@@ -236,6 +236,15 @@ def _chain_coef(plan: CPPlan, slopes, dtype, device, transpose: bool):
     return plan._cache[key]
 
 
+def combine_states(plan: CPPlan, states_all: torch.Tensor, slopes, transpose: bool):
+    """The states every local piece receives from the all-gathered ``states_all``
+    [C, B, H, K, V]: forward (``transpose=False``) ``KV_in`` of each local piece from every rank's
+    last-piece state ``KV_j``; backward the gradient ``dKV`` of each local last-piece state from
+    every rank's ``dKV_in``. -> [B, H, K, V] in ``states_all``'s dtype."""
+    coef = _chain_coef(plan, slopes, states_all.dtype, states_all.device, transpose)  # [C, B, H]
+    return (coef[..., None, None] * states_all).sum(0)
+
+
 _CHUNK = 32768  # rows per state GEMM (bounds the temporaries)
 
 
@@ -280,9 +289,7 @@ class _LaspPlus(torch.autograd.Function):
             a0 = plan.cu[plan.last_seg[b]]
             kv[b] = _decayed_gram(k[0], v[0], slopes, a0, plan.cu[plan.last_seg[b] + 1] - a0, sd,
                                   reverse=False)
-        kv_all = cpx.all_gather(kv)  # [C, B, H, K, V]
-        coef = _chain_coef(plan, slopes, sd, q.device, transpose=False)  # [C, B, H]
-        kv_in = (coef[..., None, None] * kv_all).sum(0)  # [B, H, K, V]
+        kv_in = combine_states(plan, cpx.all_gather(kv), slopes, transpose=False)  # [B,H,K,V]
         rows = _corrected_rows(plan)
         init = None
         if rows:  # the correction diag(λ^(i+1)) Q KV_in, fused: KV_in as the initial state
@@ -304,9 +311,7 @@ class _LaspPlus(torch.autograd.Function):
         dkv_in = torch.zeros(B, H, K, V, dtype=sd, device=do.device)
         for b, a, n in _corrected_rows(plan):
             dkv_in[b] = _decayed_gram(q_.detach()[0], do[0], slopes, a, n, sd, reverse=True)
-        d_all = cpx.all_gather(dkv_in)  # [C, B, H, K, V]
-        coef = _chain_coef(plan, slopes, sd, do.device, transpose=True)
-        dkv = (coef[..., None, None] * d_all).sum(0)  # dKV_r [B, H, K, V]
+        dkv = combine_states(plan, cpx.all_gather(dkv_in), slopes, transpose=True)  # dKV_r
         dfinal = torch.zeros_like(finals)
         dfinal[plan.last_seg] = dkv.to(dfinal.dtype)
         # The local backward: dq includes λ^(i+1) KV_in dO (the initial state), dk and dv the
