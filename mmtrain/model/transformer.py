@@ -108,10 +108,12 @@ class MiniMaxModel(nn.Module):
         P = B * T
         if cu_seqlens is None:
             cu_seqlens = torch.arange(0, P + 1, T, dtype=torch.int32, device=tokens.device)
+            cu_seqlens.host = list(range(0, P + 1, T))
         if position_ids is None:
-            from mmtrain.data.batch import position_ids_from_cu_seqlens
+            from mmtrain.data.batch import host_cu, position_ids_from_cu_seqlens
 
-            position_ids = position_ids_from_cu_seqlens(cu_seqlens.cpu(), P).to(tokens.device)
+            cu = torch.tensor(host_cu(cu_seqlens), dtype=torch.int64)
+            position_ids = position_ids_from_cu_seqlens(cu, P).to(tokens.device)
         pos = position_ids.reshape(P)
         h = self.embed(tokens.reshape(P))
         aux_total = h.new_zeros((), dtype=torch.float32)
