@@ -254,7 +254,8 @@ def _jit(fn):
 class Plan:
     """Work items (token ranges inside one sequence) for one call shape; reused by the backward."""
 
-    def __init__(self, bounds: list[tuple[int, int]], seg_len: int | None, device):
+    def __init__(self, bounds: list[tuple[int, int]], seg_len: int | None, device,
+                 two_pass: bool = False):
         bos, eos, seq_items = [], [], [0]
         for a, b in bounds:
             if seg_len is None or b - a <= seg_len:
@@ -267,8 +268,9 @@ class Plan:
             seq_items.append(len(bos))
         self.n_seq = len(bounds)
         self.n_items = len(bos)
-        self.two_pass = self.n_items != self.n_seq
+        self.two_pass = two_pass or self.n_items != self.n_seq  # forced: a state hook needs it
         self.seg_len = seg_len
+        self.host_bos, self.host_eos, self.host_seq_items = bos, eos, seq_items
         idx = torch.tensor([bos, eos], dtype=torch.int32)
         self.item_bos = idx[0].to(device)
         self.item_eos = idx[1].to(device)
@@ -278,14 +280,15 @@ class Plan:
 _PLAN_CACHE: dict = {}
 
 
-def get_plan(bounds, seg_len, device) -> Plan:
-    """Plans are cached per (bounds, seg_len, device): the index tensors are built once."""
-    key = (tuple(bounds), seg_len, str(device))
+def get_plan(bounds, seg_len, device, two_pass: bool = False) -> Plan:
+    """Plans are cached per (bounds, seg_len, device, two_pass): the index tensors are built
+    once."""
+    key = (tuple(bounds), seg_len, str(device), two_pass)
     plan = _PLAN_CACHE.get(key)
     if plan is None:
         if len(_PLAN_CACHE) > 256:
             _PLAN_CACHE.clear()
-        plan = _PLAN_CACHE[key] = Plan(bounds, seg_len, device)
+        plan = _PLAN_CACHE[key] = Plan(bounds, seg_len, device, two_pass)
     return plan
 
 
@@ -333,10 +336,15 @@ def _cfg(K, V, dtype, device):
 
 
 def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final_state=False,
-                   reverse=False, out_dtype=None, block_t: int | None = None):
+                   reverse=False, out_dtype=None, block_t: int | None = None, state_hook=None):
     """o = scan attention (see module doc). q, k: [T, H, K] contiguous; v: [T, H, V] contiguous.
 
     initial_state: [N, H, K, V] (any strides, any float dtype) or None.
+    ``state_hook(s_loc, plan) -> initial_state`` (two-pass plans only): called between the state
+    pass and the chain with the items' local states ``s_loc`` [I, H, K, V] (fp32, from zero,
+    decayed to the item's end — its start when ``reverse``); what it returns is the initial
+    state of the chain and the outputs (context parallelism computes it from every rank's states
+    there, so the states cost no pass of their own).
     Returns (o [T, H, V] in out_dtype or q's dtype, final [N, H, K, V] fp32 or None)."""
     T, H, K = q.shape
     V = v.shape[-1]
@@ -358,6 +366,9 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
             final.copy_(initial_state.float() if initial_state is not None else 0.)
         return o, final
     dummy = slog2
+    if state_hook is not None and not plan.two_pass:
+        raise ValueError("scan_attention: a state hook needs a two-pass plan (get_plan(..., "
+                         "two_pass=True))")
     if not plan.two_pass:
         s0 = initial_state
         st = s0.stride() if s0 is not None else (0, 0, 0, 0)
@@ -375,7 +386,7 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
         k, v, slog2, plan.item_bos, plan.item_eos, s_loc,
         H=H, K=K, V=V, BT=BT, BK=SBK, BV=SBV, NV=SNV, REVERSE=reverse, **common, **launch)
     s_in = torch.empty_like(s_loc)
-    s0 = initial_state
+    s0 = initial_state if state_hook is None else state_hook(s_loc, plan)
     st = s0.stride() if s0 is not None else (0, 0, 0, 0)
     _jit(_scan_chain)[(SNK * SNV, N, H)](
         slog2, plan.item_bos, plan.item_eos, plan.seq_items, s_loc, s_in,
