@@ -387,8 +387,9 @@ class _LaspPlusFused(torch.autograd.Function):
 
         nv = -(-V // int(ts._cfg(K, V, q.dtype, q.device)["BV"]))
         P = ts.get_plan(bounds, ts.choose_seg_len(bounds, H, nv, q.device), q.device, True)
-        o, _ = ts.scan_attention(q_, k_, v_, s, P, state_hook=hook)
+        o, _, items_in = ts.scan_attention(q_, k_, v_, s, P, state_hook=hook, keep_items_in=True)
         ctx.save_for_backward(q_, k_, v_, held["init"])
+        ctx.P, ctx.items_in = P, items_in  # dq's item states, transposed
         ctx.bounds, ctx.s, ctx.cpx, ctx.plan, ctx.shape = bounds, s, cpx, plan, (T, H, K, V)
         return o.view(1, T, H, V)
 
@@ -405,8 +406,14 @@ class _LaspPlusFused(torch.autograd.Function):
             nv = -(-d_out // int(ts._cfg(d_state, d_out, q_.dtype, dev)["BV"]))
             return ts.get_plan(bounds, ts.choose_seg_len(bounds, H, nv, dev), dev, two_pass)
 
-        dq, _ = ts.scan_attention(do_, v_, k_, s, plan_for(K, V), init.transpose(-1, -2),
-                                  out_dtype=q_.dtype)
+        P_q = plan_for(K, V, True)
+        if P_q is ctx.P:
+            dq, _ = ts.scan_attention(do_, v_, k_, s, P_q, out_dtype=q_.dtype,
+                                      items_in=ctx.items_in.transpose(-1, -2))
+        else:
+            dq, _ = ts.scan_attention(do_, v_, k_, s, P_q, init.transpose(-1, -2),
+                                      out_dtype=q_.dtype)
+        ctx.items_in = None
         rows = _corrected_rows(plan)
         held = {}
 
@@ -422,10 +429,16 @@ class _LaspPlusFused(torch.autograd.Function):
             held["Y"] = Y
             return Y
 
-        dv, _ = ts.scan_attention(k_, q_, do_, s, plan_for(V, K, True), reverse=True,
-                                  out_dtype=v_.dtype, state_hook=hook)
-        dk, _ = ts.scan_attention(v_, do_, q_, s, plan_for(K, V), held["Y"].transpose(-1, -2),
-                                  reverse=True, out_dtype=k_.dtype)
+        P_v = plan_for(V, K, True)
+        dv, _, items_v = ts.scan_attention(k_, q_, do_, s, P_v, reverse=True, out_dtype=v_.dtype,
+                                           state_hook=hook, keep_items_in=True)
+        P_k = plan_for(K, V, True)
+        if P_k is P_v:  # the dv scan's item states, transposed
+            dk, _ = ts.scan_attention(v_, do_, q_, s, P_k, reverse=True, out_dtype=k_.dtype,
+                                      items_in=items_v.transpose(-1, -2))
+        else:
+            dk, _ = ts.scan_attention(v_, do_, q_, s, P_k, held["Y"].transpose(-1, -2),
+                                      reverse=True, out_dtype=k_.dtype)
         return (dq.view(1, T, H, K), dk.view(1, T, H, K), dv.view(1, T, H, V), None, None, None,
                 None)
 

@@ -13,6 +13,9 @@ TRITON_INTERPRET=1 is set, in which case the same Triton kernels run in the inte
 Backward (see triton_scan's module doc): three scan-attention passes,
     dq = fwd scan(do, v, k; S0^T)    dv = rev scan(k, q, do; dSf/lam)    dk = rev scan(v, do, q; (dSf/lam)^T)
     dS0 = lam * (final state of the dv pass).
+In the sequence-split (two-pass) mode dq's and dk's item states are the transposes of the
+forward's and the dv scan's, so those two run their out pass only (5 launches instead of 9, and
+14 instead of 18 units of traffic for the backward).
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ class _LightningAttnFn(torch.autograd.Function):
         bv = int(ts._cfg(K, V, q.dtype, q.device)["BV"])
         seg = ts.choose_seg_len(bounds, H, -(-V // bv), q.device, seg_len)
         plan = ts.get_plan(bounds, seg, q.device)
-        o, final = ts.scan_attention(q_, k_, v_, slopes, plan, initial_state, output_final_state)
+        o, final, items_in = ts.scan_attention(q_, k_, v_, slopes, plan, initial_state,
+                                               output_final_state, keep_items_in=True)
         ctx.save_for_backward(q_, k_, v_, slopes, initial_state)
+        ctx.plan, ctx.items_in = plan, items_in  # two-pass: dq reuses them, transposed
         ctx.bounds, ctx.seg_len, ctx.shape = bounds, seg_len, (B, T, H, K, V)
         ctx.has_init = initial_state is not None
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
@@ -60,21 +65,31 @@ class _LightningAttnFn(torch.autograd.Function):
         # dq: forward scan with (q, k, v) -> (do, v, k), state S^T (V x K)
         bk = int(ts._cfg(V, K, do_.dtype, dev)["BV"])
         plan_q = ts.get_plan(ctx.bounds, ts.choose_seg_len(ctx.bounds, H, -(-K // bk), dev, ctx.seg_len), dev)
-        dq, _ = ts.scan_attention(do_, v_, k_, slopes, plan_q,
-                                  s0.transpose(-1, -2) if s0 is not None else None,
-                                  out_dtype=q_.dtype)
+        if ctx.items_in is not None and plan_q is ctx.plan:  # the forward's states, transposed
+            dq, _ = ts.scan_attention(do_, v_, k_, slopes, plan_q, out_dtype=q_.dtype,
+                                      items_in=ctx.items_in.transpose(-1, -2))
+        else:
+            dq, _ = ts.scan_attention(do_, v_, k_, slopes, plan_q,
+                                      s0.transpose(-1, -2) if s0 is not None else None,
+                                      out_dtype=q_.dtype)
+        ctx.items_in = None
         # dv (and dS0): reverse scan with (k, q, do), state R (K x V)
         bv = int(ts._cfg(K, V, k_.dtype, dev)["BV"])
         plan_v = ts.get_plan(ctx.bounds, ts.choose_seg_len(ctx.bounds, H, -(-V // bv), dev, ctx.seg_len), dev)
         need_ds0 = ctx.has_init and ctx.needs_input_grad[4]
-        dv, fin = ts.scan_attention(k_, q_, do_, slopes, plan_v, Y, output_final_state=need_ds0,
-                                    reverse=True, out_dtype=v_.dtype)
+        dv, fin, items_v = ts.scan_attention(k_, q_, do_, slopes, plan_v, Y,
+                                             output_final_state=need_ds0, reverse=True,
+                                             out_dtype=v_.dtype, keep_items_in=True)
         # dk: reverse scan with (v, do, q), state R^T (V x K)
         bk2 = int(ts._cfg(V, K, v_.dtype, dev)["BV"])
         plan_k = ts.get_plan(ctx.bounds, ts.choose_seg_len(ctx.bounds, H, -(-K // bk2), dev, ctx.seg_len), dev)
-        dk, _ = ts.scan_attention(v_, do_, q_, slopes, plan_k,
-                                  Y.transpose(-1, -2) if Y is not None else None,
-                                  reverse=True, out_dtype=k_.dtype)
+        if items_v is not None and plan_k is plan_v:  # the dv scan's states, transposed
+            dk, _ = ts.scan_attention(v_, do_, q_, slopes, plan_k, reverse=True,
+                                      out_dtype=k_.dtype, items_in=items_v.transpose(-1, -2))
+        else:
+            dk, _ = ts.scan_attention(v_, do_, q_, slopes, plan_k,
+                                      Y.transpose(-1, -2) if Y is not None else None,
+                                      reverse=True, out_dtype=k_.dtype)
         ds0 = None
         if need_ds0:
             ds0 = (fin * torch.exp(-s)[None, :, None, None]).to(ctx.init_dtype)

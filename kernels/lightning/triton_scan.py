@@ -307,7 +307,7 @@ def choose_seg_len(bounds, H, NV, device, seg_len=None):
         return None if seg_len <= 0 else seg_len
     lens = [b - a for a, b in bounds]
     total, longest = sum(lens), max(lens) if lens else 0
-    if longest <= 2048:
+    if longest <= 4096:  # short: the split's extra launches cost more host time than it saves
         return None
     # Single pass: one program per (sequence, head, V tile), each walks its whole sequence; its
     # time is set by the longest sequence. Balanced: the same work spread over every SM. The
@@ -336,7 +336,8 @@ def _cfg(K, V, dtype, device):
 
 
 def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final_state=False,
-                   reverse=False, out_dtype=None, block_t: int | None = None, state_hook=None):
+                   reverse=False, out_dtype=None, block_t: int | None = None, state_hook=None,
+                   items_in=None, keep_items_in: bool = False):
     """o = scan attention (see module doc). q, k: [T, H, K] contiguous; v: [T, H, V] contiguous.
 
     initial_state: [N, H, K, V] (any strides, any float dtype) or None.
@@ -345,7 +346,12 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
     decayed to the item's end — its start when ``reverse``); what it returns is the initial
     state of the chain and the outputs (context parallelism computes it from every rank's states
     there, so the states cost no pass of their own).
-    Returns (o [T, H, V] in out_dtype or q's dtype, final [N, H, K, V] fp32 or None)."""
+    ``items_in`` [I, H, K, V] (any strides): every item's incoming state, already known — only
+    the out pass runs. The backward passes it the transposed incoming states of a scan over the
+    same tensors (dq's are the forward's, dk's are dv's: the states ``Σ k vᵀ`` and ``Σ v kᵀ``
+    are transposes), which saves their state and chain passes.
+    Returns (o [T, H, V] in out_dtype or q's dtype, final [N, H, K, V] fp32 or None), plus the
+    items' incoming states (two-pass plans; else None) when ``keep_items_in``."""
     T, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
@@ -364,8 +370,18 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
     if I == 0:
         if output_final_state:
             final.copy_(initial_state.float() if initial_state is not None else 0.)
-        return o, final
+        return (o, final, None) if keep_items_in else (o, final)
     dummy = slog2
+    if items_in is not None:
+        if output_final_state or state_hook is not None:
+            raise ValueError("scan_attention: items_in runs the out pass alone (no final state, "
+                             "no hook)")
+        _jit(_scan_out)[(NV, I, H)](
+            q, k, v, o, slog2, plan.item_bos, plan.item_eos,
+            items_in, *items_in.stride(), dummy,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_INIT=True,
+            STORE_FINAL=False, REVERSE=reverse, **common, **launch)
+        return (o, None, None) if keep_items_in else (o, None)
     if state_hook is not None and not plan.two_pass:
         raise ValueError("scan_attention: a state hook needs a two-pass plan (get_plan(..., "
                          "two_pass=True))")
@@ -377,7 +393,7 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
             s0 if s0 is not None else dummy, *st, final if final is not None else dummy,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_INIT=s0 is not None,
             STORE_FINAL=output_final_state, REVERSE=reverse, **common, **launch)
-        return o, final
+        return (o, final, None) if keep_items_in else (o, final)
     # two pass: local item states, chain them per sequence, then the outputs
     SBK, SBV = min(BK, 64), min(triton.next_power_of_2(V), 64)
     SNK, SNV = triton.cdiv(K, SBK), triton.cdiv(V, SBV)
@@ -398,4 +414,4 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
         s_in, *s_in.stride(), dummy,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_INIT=True,
         STORE_FINAL=False, REVERSE=reverse, **common, **launch)
-    return o, final
+    return (o, final, s_in) if keep_items_in else (o, final)
