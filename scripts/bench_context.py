@@ -137,6 +137,14 @@ def rand(shape, seed, scale=1.0, dtype=torch.bfloat16):
     return (torch.randn(shape, generator=g, device=DEV) * scale).to(dtype)
 
 
+def dev_cu(cu):
+    """Device cu_seqlens carrying their host copy, as a batch moved by ``Batch.to`` does (the ops
+    then never read them back: no host sync inside a timed op)."""
+    t = torch.tensor(cu, dtype=torch.int32, device=DEV)
+    t.host = [int(x) for x in cu]
+    return t
+
+
 def local_piece(cu, rows, T):
     """This rank's CP plan (on the device cu_seqlens) and its token indices, for ``rows`` rows
     of T tokens (boundaries ``cu`` over the flattened rows) split over WORLD ranks."""
@@ -145,7 +153,7 @@ def local_piece(cu, rows, T):
     pos = position_ids_from_cu_seqlens(cu_t, rows * T).view(rows, T)
     local = shard_batch(Batch(tok, tok, tok.float(), cu_t, pos), WORLD, RANK)
     Tl = T // WORLD
-    cu_l = local.cu_seqlens.to(DEV)
+    cu_l = dev_cu(local.cu_seqlens.tolist())
     cu_l.cp_plan = local.cu_seqlens.cp_plan
     idx = torch.cat([torch.arange(b * T + RANK * Tl, b * T + (RANK + 1) * Tl) for b in range(rows)])
     return cu_l, idx.to(DEV)
@@ -172,7 +180,7 @@ def run_checks(sizes, cpx):
     v = rand((T, H, K_DIM), 3, 1.0, dt)
     w = rand((T, H, K_DIM), 4, 1.0, dt)
     slopes = slopes_for(H).to(DEV)
-    cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV)
+    cu_t = dev_cu(cu)
     if WORLD > 1:
         cu_l, sl = local_piece(cu, 3, R)
         ref = LightningOp()
@@ -229,7 +237,7 @@ def bench_softmax_op(sizes, a):
     dt = torch.bfloat16 if DEV.type == "cuda" else torch.float32
     for T in sizes["sm_T"]:
         lens = packed_lengths(T, sizes["sm_doc"][0], sizes["sm_doc"][1], seed=T)
-        cu = torch.tensor(cu_of(lens), dtype=torch.int32, device=DEV)
+        cu = dev_cu(cu_of(lens))
         q = rand((T, H, K_DIM), 5, 0.3, dt).requires_grad_()
         k = rand((T, G, K_DIM), 6, 0.3, dt).requires_grad_()
         v = rand((T, G, K_DIM), 7, 1.0, dt).requires_grad_()
@@ -268,7 +276,7 @@ def bench_lightning(sizes, a, cpx):
                     o, _ = op(q, k, v, slopes, cu)
                     o.backward(do)
                 return f
-            cu1 = torch.tensor([0, Tg], dtype=torch.int32, device=DEV)
+            cu1 = dev_cu([0, Tg])
             row["cp1_ms"] = slowest(timeit(run(local, cu1), a.warmup, a.iters)) * 1e3
             if WORLD > 1:
                 cu_l, _ = local_piece([0, Tg * WORLD], 1, Tg * WORLD)
@@ -329,7 +337,7 @@ def bench_ring(sizes, a, cpx):
                 x.grad = None
             op(qs, ks, vs, cu_t, 1 / math.sqrt(K_DIM)).backward(dos)
         return f
-    cu_full = torch.tensor(cu, dtype=torch.int32, device=DEV)
+    cu_full = dev_cu(cu)
     if RANK == 0 or WORLD == 1:  # CP=1: the whole batch on one GPU
         row["cp1_ms"] = timeit(run(DocSoftmaxOp(), cu_full, slice(0, T)), a.warmup, a.iters,
                                together=False) * 1e3
