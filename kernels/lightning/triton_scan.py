@@ -337,7 +337,7 @@ def _cfg(K, V, dtype, device):
 
 def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final_state=False,
                    reverse=False, out_dtype=None, block_t: int | None = None, state_hook=None,
-                   items_in=None, keep_items_in: bool = False):
+                   items_in=None, keep_items_in: bool = False, cfg=None, slog2=None):
     """o = scan attention (see module doc). q, k: [T, H, K] contiguous; v: [T, H, V] contiguous.
 
     initial_state: [N, H, K, V] (any strides, any float dtype) or None.
@@ -350,17 +350,20 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
     the out pass runs. The backward passes it the transposed incoming states of a scan over the
     same tensors (dq's are the forward's, dk's are dv's: the states ``Σ k vᵀ`` and ``Σ v kᵀ``
     are transposes), which saves their state and chain passes.
+    ``cfg`` (:func:`_cfg` of these K, V, dtype) and ``slog2`` (``slopes · log2 e``, fp32, on the
+    device) may be passed in by a caller that launches several scans (less host time a call).
     Returns (o [T, H, V] in out_dtype or q's dtype, final [N, H, K, V] fp32 or None), plus the
     items' incoming states (two-pass plans; else None) when ``keep_items_in``."""
     T, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
-    cfg = _cfg(K, V, q.dtype, dev)
+    cfg = dict(cfg) if cfg is not None else _cfg(K, V, q.dtype, dev)
     if block_t is not None:
         cfg["BT"] = block_t
     BT, BK, BV = cfg["BT"], cfg["BK"], cfg["BV"]
     NV = triton.cdiv(V, BV)
-    slog2 = (slopes.detach().to(device=dev, dtype=torch.float32) * LOG2E).contiguous()
+    if slog2 is None:
+        slog2 = (slopes.detach().to(device=dev, dtype=torch.float32) * LOG2E).contiguous()
     o = torch.empty((T, H, V), dtype=out_dtype or q.dtype, device=dev)
     N, I = plan.n_seq, plan.n_items
     final = (torch.empty((N, H, K, V), dtype=torch.float32, device=dev)
