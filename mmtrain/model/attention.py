@@ -16,6 +16,7 @@ from mmtrain.config import ModelConfig
 from mmtrain.model.layers import (RMSNorm, apply_partial_rope, lightning_slopes, rope_cos_sin,
                                   xavier_normal_)
 from mmtrain.model.ops import LightningOp, SoftmaxOp
+from mmtrain.model.recompute import maybe_checkpoint
 
 
 class LightningAttention(nn.Module):
@@ -35,16 +36,22 @@ class LightningAttention(nn.Module):
                              .to(torch.float32), persistent=False)
         self.layer_idx = layer_idx
         self.core = LightningOp(cfg.lightning_block_size)
+        self.recompute_core = False  # train.recompute=selective (mmtrain.model.recompute)
 
     def forward(self, x_TD, cu_seqlens, position_ids=None):
-        T = x_TD.shape[0]
+        qkv, gate = self.qkv_proj(x_TD), self.gate_proj(x_TD)
+        o = maybe_checkpoint(self.recompute_core, self._core, qkv, gate, cu_seqlens, x_TD.dtype)
+        return self.out_proj(o)
+
+    def _core(self, qkv_T3, gate_TW, cu_seqlens, dtype):
+        """From the qkv and gate projections to the input of ``out_proj``."""
+        T = qkv_T3.shape[0]
         H, K = self.num_heads, self.head_dim
-        qkv = F.silu(self.qkv_proj(x_TD)).view(T, H, 3 * K)
+        qkv = F.silu(qkv_T3).view(T, H, 3 * K)
         q, k, v = qkv.split(K, dim=-1)  # per-head layout: [q_h | k_h | v_h] for each head
         o, _ = self.core(q[None], k[None], v[None], self.slopes, cu_seqlens)
-        o = self.norm(o[0].reshape(T, H * K).to(x_TD.dtype))
-        o = o * torch.sigmoid(self.gate_proj(x_TD))
-        return self.out_proj(o)
+        o = self.norm(o[0].reshape(T, H * K).to(dtype))
+        return o * torch.sigmoid(gate_TW)
 
     def reset_parameters(self, beta: float, generator=None):
         xavier_normal_(self.qkv_proj.weight, generator=generator)
@@ -71,17 +78,24 @@ class SoftmaxAttention(nn.Module):
         self.rope_theta = cfg.rope_theta
         self.layer_idx = layer_idx
         self.core = SoftmaxOp()
+        self.recompute_core = False  # train.recompute=selective (mmtrain.model.recompute)
 
     def forward(self, x_TD, cu_seqlens, position_ids):
-        T = x_TD.shape[0]
-        q = self.q_proj(x_TD).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD)
+        o = maybe_checkpoint(self.recompute_core, self._core, q, k, v, cu_seqlens, position_ids)
+        return self.o_proj(o)
+
+    def _core(self, q, k, v, cu_seqlens, position_ids):
+        """From the q/k/v projections to the input of ``o_proj``."""
+        T = q.shape[0]
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
         cos, sin = rope_cos_sin(position_ids, self.rotary_dim, self.rope_theta, q.dtype)
         q = apply_partial_rope(q, cos, sin, self.rotary_dim)
         k = apply_partial_rope(k, cos, sin, self.rotary_dim)
         o = self.core(q, k, v, cu_seqlens, 1.0 / math.sqrt(self.head_dim))
-        return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+        return o.reshape(T, self.num_heads * self.head_dim)
 
     def reset_parameters(self, beta: float, generator=None):
         xavier_normal_(self.q_proj.weight, generator=generator)
