@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from mmtrain.config import ModelConfig
 from mmtrain.model.layers import (RMSNorm, apply_partial_rope, lightning_slopes, rope_cos_sin,
                                   xavier_normal_)
+from mmtrain.model.moe import compute_dtype
 from mmtrain.model.ops import LightningOp, SoftmaxOp
 from mmtrain.model.recompute import maybe_checkpoint
 
@@ -40,7 +41,10 @@ class LightningAttention(nn.Module):
 
     def forward(self, x_TD, cu_seqlens, position_ids=None):
         qkv, gate = self.qkv_proj(x_TD), self.gate_proj(x_TD)
-        o = maybe_checkpoint(self.recompute_core, self._core, qkv, gate, cu_seqlens, x_TD.dtype)
+        # The output norm and gate run in the compute dtype (bf16 under autocast: the core's
+        # output is not widened to the fp32 residual stream's dtype; fp32 runs are unchanged).
+        o = maybe_checkpoint(self.recompute_core, self._core, qkv, gate, cu_seqlens,
+                             compute_dtype(x_TD))
         return self.out_proj(o)
 
     def _core(self, qkv_T3, gate_TW, cu_seqlens, dtype):
@@ -78,24 +82,17 @@ class SoftmaxAttention(nn.Module):
         self.rope_theta = cfg.rope_theta
         self.layer_idx = layer_idx
         self.core = SoftmaxOp()
-        self.recompute_core = False  # train.recompute=selective (mmtrain.model.recompute)
 
     def forward(self, x_TD, cu_seqlens, position_ids):
-        q, k, v = self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD)
-        o = maybe_checkpoint(self.recompute_core, self._core, q, k, v, cu_seqlens, position_ids)
-        return self.o_proj(o)
-
-    def _core(self, q, k, v, cu_seqlens, position_ids):
-        """From the q/k/v projections to the input of ``o_proj``."""
-        T = q.shape[0]
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        T = x_TD.shape[0]
+        q = self.q_proj(x_TD).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
         cos, sin = rope_cos_sin(position_ids, self.rotary_dim, self.rope_theta, q.dtype)
         q = apply_partial_rope(q, cos, sin, self.rotary_dim)
         k = apply_partial_rope(k, cos, sin, self.rotary_dim)
         o = self.core(q, k, v, cu_seqlens, 1.0 / math.sqrt(self.head_dim))
-        return o.reshape(T, self.num_heads * self.head_dim)
+        return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
 
     def reset_parameters(self, beta: float, generator=None):
         xavier_normal_(self.q_proj.weight, generator=generator)

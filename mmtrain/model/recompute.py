@@ -7,12 +7,10 @@
 ``selective``  the parts that are cheap to run again but whose saved tensors are large; every
                GEMM output (projections, router, experts) is kept:
 
-               * the attention core: lightning ``SiLU → decayed linear attention → output
+               * the lightning attention core: ``SiLU → decayed linear attention → output
                  RMSNorm → sigmoid gate`` (from the qkv/gate projections to the input of
-                 ``out_proj``) and softmax ``partial RoPE → attention`` (from the q/k/v
-                 projections to the input of ``o_proj``); the core's own saved tensors
-                 (states, softmax statistics, RoPE temporaries, norm and gate intermediates)
-                 are dropped;
+                 ``out_proj``); the SiLU outputs, the kernel's saved q/k/v, the norm and gate
+                 intermediates are dropped (extra work: the core's forward, linear in T);
                * the MoE combine: the unpermute of the experts' outputs and their fp32 weighting
                  (``combine_slots``), whose saved fp32 copy [T·K, D] is the largest tensor of a
                  MoE layer; the experts' output [n, D] (half precision under autocast) is kept.
@@ -20,8 +18,10 @@
                Already recomputed in every mode: the SwiGLU activation of the experts (their
                hand-written backward keeps only the gate/up GEMM output) and the logits of the
                LM head under ``train.fused_ce`` (:mod:`mmtrain.model.fused_ce`). Not covered:
-               the decoder norms (their output is saved by the GEMM that reads it anyway) and
-               the MoE permutation of the tokens (its output is the experts' GEMM input).
+               the softmax attention core (flash / ring attention keep only their output and
+               log-sum-exp; recomputing them would cost a quadratic forward), the decoder norms
+               (their output is saved by the GEMM that reads it anyway) and the MoE permutation
+               of the tokens (its output is the experts' GEMM input).
 
 Correctness of the recomputation:
 

@@ -77,7 +77,8 @@ class MiniMaxModel(nn.Module):
             raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
         self.recompute = mode
         for layer in self.layers:
-            layer.attn.recompute_core = mode == "selective"
+            if isinstance(layer.attn, LightningAttention):  # softmax: flash saves o and lse only
+                layer.attn.recompute_core = mode == "selective"
             layer.moe.recompute_combine = mode == "selective"
 
     # ----------------------------------------------------------------------------------------
