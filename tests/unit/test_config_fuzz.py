@@ -40,6 +40,7 @@ OUT_OF_RANGE = {
     "train.ckpt_every": ["-1"], "train.keep_last": ["0", "-2"], "train.log_every": ["0"],
     "train.device": ["tpu", "gpu"], "train.dtype": ["fp16", "float32"],
     "train.max_bad_steps": ["0", "-1"], "train.spike_factor": ["0.5", "-2", "1"],
+    "train.fused_ce_chunk": ["0", "-4096"], "train.recompute": ["some", "''", "layers"],
     "train.init_from": ["''", "/nonexistent/ckpt"],
     "parallel.dp": ["0", "-2", "3"], "parallel.tp": ["0", "-1", "3"], "parallel.cp": ["0", "2"],
     "parallel.pp": ["0", "2"], "parallel.ep": ["0", "2"], "parallel.etp": ["0", "2"],
