@@ -43,8 +43,6 @@ Recomputation happens only when grad mode is on (evaluation under ``torch.no_gra
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -53,14 +51,22 @@ from mmtrain.model.moe import Balance, Tape
 MODES = ("none", "selective", "full")
 
 
-@contextlib.contextmanager
-def _tape(balance: Balance, tape: Tape, replay: bool):
-    prev, prev_replay = balance.tape, tape.replay
-    balance.tape, tape.replay = tape, replay
-    try:
-        yield
-    finally:
-        balance.tape, tape.replay = prev, prev_replay
+class _TapeOn:
+    """Installs ``tape`` on ``balance`` (recording, or replaying) while entered; re-enterable
+    (a recomputation may run more than once, e.g. when a CP op's backward calls
+    ``torch.autograd.grad`` inside the backward)."""
+
+    def __init__(self, balance: Balance, tape: Tape, replay: bool):
+        self.balance, self.tape, self.replay = balance, tape, replay
+        self.saved: list = []
+
+    def __enter__(self):
+        self.saved.append((self.balance.tape, self.tape.replay))
+        self.balance.tape, self.tape.replay = self.tape, self.replay
+
+    def __exit__(self, *exc):
+        self.balance.tape, self.tape.replay = self.saved.pop()
+        return False
 
 
 def checkpoint_moe_layer(fn, balance: Balance, *args):
@@ -69,7 +75,7 @@ def checkpoint_moe_layer(fn, balance: Balance, *args):
     tape = Tape()
 
     def contexts():
-        return _tape(balance, tape, False), _tape(balance, tape, True)
+        return _TapeOn(balance, tape, False), _TapeOn(balance, tape, True)
 
     return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
 
