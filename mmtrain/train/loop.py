@@ -175,6 +175,7 @@ def train(cfg: Config) -> TrainResult:
 
     torch.manual_seed(tcfg.seed)
     model, par = build_parallel(cfg, topology, device)
+    model.set_recompute(tcfg.recompute)
     optimizer = par.build_optimizer(tcfg)
     start_step = 0
     if latest is not None:
@@ -230,8 +231,13 @@ def train(cfg: Config) -> TrainResult:
                 lm_sum = torch.zeros((), dtype=torch.float64, device=device)  # read once a step
                 for i, batch in enumerate(micro):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        out = model(batch.tokens, batch.cu_seqlens, batch.position_ids)
-                    ce = par.token_ce(out.logits.float(), batch.labels)
+                        out = model(batch.tokens, batch.cu_seqlens, batch.position_ids,
+                                    return_hidden=tcfg.fused_ce)
+                        if tcfg.fused_ce:  # chunked: no full-vocabulary logits
+                            ce = par.linear_ce(out.hidden, model.lm_head.weight, batch.labels,
+                                               tcfg.fused_ce_chunk)
+                    if not tcfg.fused_ce:
+                        ce = par.token_ce(out.logits.float(), batch.labels)
                     lm = (ce * batch.loss_mask.view(-1)).sum()
                     loss = lm / n_tok + tcfg.aux_loss_coef * out.aux_loss
                     poison = faults.loss_factor(step + 1)  # test-only hook: 1.0 normally
