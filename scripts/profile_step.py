@@ -54,6 +54,7 @@ def main():
     torch.manual_seed(cfg.train.seed)
     model, par = loop.build_parallel(cfg, topo, dev)
     opt = par.build_optimizer(cfg.train)
+    model.set_recompute(cfg.train.recompute)
     tokens = cfg.train.global_batch * cfg.data.seq_len
 
     def step():
@@ -61,9 +62,14 @@ def main():
         n_tok = float(sum(b.loss_tokens for b in micro))
         model.begin_step(tokens)
         for b in micro:
+            fused = cfg.train.fused_ce
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(b.tokens, b.cu_seqlens, b.position_ids)
-            ce = par.token_ce(out.logits.float(), b.labels)
+                out = model(b.tokens, b.cu_seqlens, b.position_ids, return_hidden=fused)
+                if fused:  # as the loop: chunked linear cross-entropy
+                    ce = par.linear_ce(out.hidden, model.lm_head.weight, b.labels,
+                                       cfg.train.fused_ce_chunk)
+            if not fused:
+                ce = par.token_ce(out.logits.float(), b.labels)
             loss = ((ce * b.loss_mask.view(-1)).sum() / n_tok
                     + cfg.train.aux_loss_coef * out.aux_loss)
             loss.backward()
