@@ -1,6 +1,7 @@
 """``parallelize(model, topology, groups, ...)``: turn the plain single-device model into this
-rank's piece of a TP × DP layout, and hand back a :class:`Parallel` that the training loop uses
-for everything distributed (loss, gradient sync, clipping, optimizer, checkpoint tensors).
+rank's piece of a TP × DP layout (the shard plan, :func:`shard_model`), and hand back a
+:class:`Parallel` that the training loop uses for everything distributed (data sharding, loss,
+gradient sync, clipping, where each local shard sits in the full tensors).
 
 The model code stays plain; this file swaps modules from outside (a plan per module kind), in
 place, keeping every parameter's FQN. With tp = T, rank t of a TP group, H heads, G KV heads,
@@ -28,11 +29,11 @@ lm_head                     :class:`ColumnParallelLinear` (vocab rows), input al
                             logits stay vocab-sharded for the vocab-parallel cross-entropy
 ==========================  ====================================================================
 
-Checkpoints (see :meth:`Parallel.checkpoint_tensors`) hold the FULL logical tensors under the
-single-process keys ``model.<fqn>`` and ``optim.<fqn>.{exp_avg,exp_avg_sq,step}``: TP, EP/ETP and
-ZeRO shards are all-gathered on save and sliced on load, so any layout loads any other. This costs
-one full copy of the model and optimizer state per rank during a save or load — fine at CPU and
-small-GPU scale, to be replaced by DTensor-sharded saves for large models.
+Everything here works on a model built on the meta device (:func:`shard_model` swaps modules and
+touches no value; :class:`Parallel` then allocates only the local shards), and records where each
+local tensor sits in its full tensor (``Parallel.shards``: ``{fqn: (full shape, pieces)}``, the
+geometry of :mod:`mmtrain.model.init`). Initialisation and sharded checkpoints build on those
+pieces in :mod:`mmtrain.train.distributed`; this package imports nothing from ``mmtrain.train``.
 
 Context parallelism (cp = C, :mod:`mmtrain.parallel.context`): every rank keeps all of its TP
 shard's weights (replicated over CP); :meth:`Parallel.shard_batch` gives the rank its contiguous
