@@ -66,8 +66,8 @@ from mmtrain.model.init import Piece, whole
 from mmtrain.parallel.data import GradSync, ParamInfo, clip_grad_norm
 from mmtrain.parallel.moe import GroupBalance, shard_experts
 from mmtrain.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, SlicedLinear,
-                                     TPRMSNorm, VocabParallelEmbedding, gather_from_sp, reduce_scatter_to_sp,
-                                     vocab_parallel_cross_entropy)
+                                     TPRMSNorm, VocabParallelEmbedding, gather_from_sp,
+                                     reduce_scatter_to_sp, vocab_parallel_cross_entropy)
 from mmtrain.parallel.topology import Topology
 
 __all__ = ["check_layout", "check_context", "shard_model", "ShardPlan", "parallelize", "Parallel",
@@ -315,8 +315,9 @@ class Parallel:
 
     def owned(self):
         """``(bucket, info, offset, lo, hi)`` for each parameter: its offset in its bucket and the
-        flat range [lo, hi) of its local tensor that this rank owns in the bucket (its replicas, the ranks of the bucket's group,
-        own disjoint ranges that cover it; [0, numel) in a single process)."""
+        flat range [lo, hi) of its local tensor that this rank owns in the bucket (its replicas,
+        the ranks of the bucket's group, own disjoint ranges that cover it; [0, numel) in a
+        single process)."""
         if self.sync is None:
             return [(None, i, 0, 0, i.param.numel()) for i in self.infos]
         out = []
