@@ -215,6 +215,14 @@ class TrainConfig:
     # stop the run (see mmtrain/train/health.py).
     max_bad_steps: int = 5
     spike_factor: float = 0.0  # > 1: log losses above spike_factor x their running mean; 0: off
+    # Memory (mmtrain/model/fused_ce.py, mmtrain/model/recompute.py). fused_ce: the LM loss is a
+    # chunked linear cross-entropy that never holds the logits of all tokens (fused_ce_chunk
+    # tokens at a time; the backward recomputes each chunk's logits); false: full logits, then
+    # cross-entropy. recompute: none | selective (attention cores, MoE combine) | full (each
+    # decoder layer keeps only its input).
+    fused_ce: bool = True
+    fused_ce_chunk: int = 4096
+    recompute: str = "none"
 
     def validate(self, path: str = "train") -> None:
         if self.max_steps < 1:
@@ -262,6 +270,11 @@ class TrainConfig:
             _fail(f"{path}.max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
         if self.spike_factor != 0 and not self.spike_factor > 1:
             _fail(f"{path}.spike_factor", f"must be 0 (off) or > 1, got {self.spike_factor}")
+        if self.fused_ce_chunk < 1:
+            _fail(f"{path}.fused_ce_chunk", f"must be >= 1 token, got {self.fused_ce_chunk} "
+                  f"(4096 is a good start; lower it if one chunk's logits do not fit)")
+        if self.recompute not in ("none", "selective", "full"):
+            _fail(f"{path}.recompute", f"unknown '{self.recompute}'; use none, selective or full")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -347,7 +347,7 @@ class Planner:
         if kind == "lightning":
             if mode == "none":
                 casts = 2 if self.fp32 else 1  # bf16 copies of the gathered input (qkv, gate)
-                ro = 4 if self.fp32 else 2  # kernel output cast to the residual dtype
+                ro = 2  # kernel output normed and gated in the autocast dtype (bf16)
                 attn = r * D * Ts + casts * 2 * D * T + (6 + 6 + 2 * ro + 2 + 2) * W * T
                 if lay.tp > 1:  # TPRMSNorm also keeps its fp32 normalised x (and an fp32 copy
                     attn += (4 if self.fp32 else 6) * W * T  # of a bf16 input)

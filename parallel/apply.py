@@ -66,8 +66,10 @@ from mmtrain.model.init import Piece, whole
 from mmtrain.parallel.data import GradSync, ParamInfo, clip_grad_norm
 from mmtrain.parallel.moe import GroupBalance, shard_experts
 from mmtrain.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, SlicedLinear,
-                                     TPRMSNorm, VocabParallelEmbedding, gather_from_sp,
-                                     reduce_scatter_to_sp, vocab_parallel_cross_entropy)
+                                     TPRMSNorm, VocabParallelEmbedding,
+                                     gather_from_sp, reduce_scatter_to_sp,
+                                     vocab_parallel_cross_entropy,
+                                     vocab_parallel_linear_cross_entropy)
 from mmtrain.parallel.topology import Topology
 
 __all__ = ["check_layout", "check_context", "shard_model", "ShardPlan", "parallelize", "Parallel",
@@ -345,6 +347,14 @@ class Parallel:
             return vocab_parallel_cross_entropy(flat, labels.reshape(-1), self.vocab_start,
                                                 self.groups.tp)
         return F.cross_entropy(flat.float(), labels.reshape(-1), reduction="none")
+
+    def linear_ce(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                  chunk: int) -> torch.Tensor:
+        """Per-token CE [N] (fp32) of ``hidden @ weight.T`` (the LM head, vocab-sharded under TP)
+        ``chunk`` tokens at a time, without the full logits (``train.fused_ce``)."""
+        return vocab_parallel_linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), self.vocab_start,
+            self.groups.tp if self.tp > 1 else None, chunk)
 
     def all_reduce(self, t: torch.Tensor, group: str = "dp") -> torch.Tensor:
         """Sum ``t`` in place over ``group`` (``dp``: DP ranks; ``tp_dp``: every rank of the

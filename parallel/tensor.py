@@ -34,6 +34,7 @@ __all__ = [
     "copy_to_tp", "reduce_from_tp", "all_reduce_tp", "gather_from_sp", "reduce_scatter_to_sp",
     "scatter_to_sp", "ColumnParallelLinear", "RowParallelLinear", "SlicedLinear",
     "VocabParallelEmbedding", "TPRMSNorm", "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
 ]
 
 
@@ -331,3 +332,27 @@ def vocab_parallel_cross_entropy(logits_NVl: torch.Tensor, target_N: torch.Tenso
         lf = logits_NVl.to(torch.promote_types(logits_NVl.dtype, torch.float32))
         return F.cross_entropy(lf, target_N, reduction="none")
     return _VocabParallelCE.apply(logits_NVl, target_N, vocab_start, group)
+
+
+def vocab_parallel_linear_cross_entropy(x_ND: torch.Tensor, weight_VlD: torch.Tensor,
+                                        target_N: torch.Tensor, vocab_start: int, group,
+                                        chunk: int = 4096, sequence_parallel: bool = True
+                                        ) -> torch.Tensor:
+    """Per-token CE [N] (fp32) of ``x @ Wᵀ`` with W's vocab rows split over ``group`` (the
+    :class:`ColumnParallelLinear` LM head's local weight), chunked: no logits of all N tokens
+    exist (:mod:`mmtrain.model.fused_ce`). Under sequence parallelism ``x_ND`` is this rank's
+    sequence shard and is all-gathered first (as the LM head does; the gather's backward sums
+    every rank's partial gradient and keeps this rank's slice); each chunk's row max, sum of
+    exponentials and target logit are all-reduced over ``group``. Identical on every rank."""
+    from mmtrain.model.fused_ce import linear_cross_entropy
+
+    if _size(group) == 1:
+        return linear_cross_entropy(x_ND, weight_VlD, target_N, chunk, vocab_start=vocab_start)
+    x = gather_from_sp(x_ND, group) if sequence_parallel else copy_to_tp(x_ND, group)
+
+    def reduce(t: torch.Tensor, op: str) -> None:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
+                        group=group)
+
+    return linear_cross_entropy(x, weight_VlD, target_N, chunk, vocab_start=vocab_start,
+                                reduce=reduce)

@@ -13,12 +13,14 @@ iterations after --warmup; every rank times the same thing and the slowest rank 
    single-GPU op on the whole batch: output and q/k/v gradients, max relative error (fails above
    5e-2, warns above 1e-2). With one process: FlexAttention vs the exact torch reference.
 2. ``softmax_op`` (rank 0): the local softmax op (FlexAttention with a document block mask,
-   mmtrain.model.doc_attention.DocSoftmaxOp) against today's per-document SDPA (SoftmaxOp), on
+   mmtrain.model.doc_attention.DocSoftmaxOp) against the model's SoftmaxOp (torch's
+   FlashAttention-2 varlen kernel on CUDA; the column keys still say per_doc_sdpa), on
    packed batches of 4K–128K tokens, H = 64 query heads over 8 KV heads (MiniMax-Text-01's
    softmax layer), fwd+bwd ms and speed-up.
 3. ``lightning``: LASP+ and LASP fwd+bwd for H = 8 and 64 at 128K and 512K tokens per GPU, one
    document per row (the state chains across ranks). CP=1 is the local Triton op; CP=2 (two
-   processes) LASP+ and LASP. ns/token per GPU, per-GPU throughput relative to CP=1 (goal ≥ 0.9),
+   processes) LASP+ (fused into the kernel's passes; "unfused": its separate state GEMMs,
+   ``MMTRAIN_LASP_FUSED=0``) and LASP. ns/token per GPU, per-GPU throughput relative to CP=1 (goal ≥ 0.9),
    and the communication share: the collectives timed alone (LASP+: the fp32 state all-gathers
    of forward and backward; LASP: the state send/recv chain) over the op's time.
 4. ``ring``: Varlen Ring Attention on 256K tokens of packed documents of 1K–256K (log-uniform),
@@ -47,6 +49,7 @@ import torch.distributed as dist
 from mmtrain.data.batch import Batch, position_ids_from_cu_seqlens
 from mmtrain.model.doc_attention import DocSoftmaxOp
 from mmtrain.model.ops import LightningOp, SoftmaxOp
+import mmtrain.parallel.context as context
 from mmtrain.parallel.context import ContextLightningOp, ContextParallel, make_plan, shard_batch
 from mmtrain.parallel.ring import ContextSoftmaxOp, causal_work
 
@@ -134,6 +137,14 @@ def rand(shape, seed, scale=1.0, dtype=torch.bfloat16):
     return (torch.randn(shape, generator=g, device=DEV) * scale).to(dtype)
 
 
+def dev_cu(cu):
+    """Device cu_seqlens carrying their host copy, as a batch moved by ``Batch.to`` does (the ops
+    then never read them back: no host sync inside a timed op)."""
+    t = torch.tensor(cu, dtype=torch.int32, device=DEV)
+    t.host = [int(x) for x in cu]
+    return t
+
+
 def local_piece(cu, rows, T):
     """This rank's CP plan (on the device cu_seqlens) and its token indices, for ``rows`` rows
     of T tokens (boundaries ``cu`` over the flattened rows) split over WORLD ranks."""
@@ -142,7 +153,7 @@ def local_piece(cu, rows, T):
     pos = position_ids_from_cu_seqlens(cu_t, rows * T).view(rows, T)
     local = shard_batch(Batch(tok, tok, tok.float(), cu_t, pos), WORLD, RANK)
     Tl = T // WORLD
-    cu_l = local.cu_seqlens.to(DEV)
+    cu_l = dev_cu(local.cu_seqlens.tolist())
     cu_l.cp_plan = local.cu_seqlens.cp_plan
     idx = torch.cat([torch.arange(b * T + RANK * Tl, b * T + (RANK + 1) * Tl) for b in range(rows)])
     return cu_l, idx.to(DEV)
@@ -169,17 +180,19 @@ def run_checks(sizes, cpx):
     v = rand((T, H, K_DIM), 3, 1.0, dt)
     w = rand((T, H, K_DIM), 4, 1.0, dt)
     slopes = slopes_for(H).to(DEV)
-    cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV)
+    cu_t = dev_cu(cu)
     if WORLD > 1:
         cu_l, sl = local_piece(cu, 3, R)
         ref = LightningOp()
         ins = [x.clone().requires_grad_() for x in (q, k, v)]
         o_ref, _ = ref(*(x[None] for x in ins), slopes, cu_t)
         (o_ref[0].float() * w.float()).sum().backward()
-        for mode in ("laspplus", "lasp"):
-            op = ContextLightningOp(LightningOp(), cpx, mode)
+        for mode in ("laspplus", "laspplus_generic", "lasp"):
+            context.FUSED = mode != "laspplus_generic"
+            op = ContextLightningOp(LightningOp(), cpx, mode.split("_")[0])
             li = [x[sl].clone().requires_grad_() for x in (q, k, v)]
             o, _ = op(*(x[None] for x in li), slopes, cu_l)
+            context.FUSED = True
             (o[0].float() * w[sl].float()).sum().backward()
             err = max([rel(o[0], o_ref[0][sl])] + [rel(a.grad, b.grad[sl]) for a, b in zip(li, ins)])
             results.append({"check": f"lightning {mode} CP={WORLD} vs 1 GPU", "max_rel_err": err})
@@ -224,7 +237,7 @@ def bench_softmax_op(sizes, a):
     dt = torch.bfloat16 if DEV.type == "cuda" else torch.float32
     for T in sizes["sm_T"]:
         lens = packed_lengths(T, sizes["sm_doc"][0], sizes["sm_doc"][1], seed=T)
-        cu = torch.tensor(cu_of(lens), dtype=torch.int32, device=DEV)
+        cu = dev_cu(cu_of(lens))
         q = rand((T, H, K_DIM), 5, 0.3, dt).requires_grad_()
         k = rand((T, G, K_DIM), 6, 0.3, dt).requires_grad_()
         v = rand((T, G, K_DIM), 7, 1.0, dt).requires_grad_()
@@ -238,7 +251,7 @@ def bench_softmax_op(sizes, a):
             row[name + "_ms"] = timeit(f, a.warmup, a.iters, together=False) * 1e3
         row["speedup"] = row["per_doc_sdpa_ms"] / row["doc_op_ms"]
         log(f"softmax op T={T} docs={len(lens)}: FlexAttention {row['doc_op_ms']:.2f} ms, "
-            f"per-doc SDPA {row['per_doc_sdpa_ms']:.2f} ms")
+            f"SoftmaxOp (flash varlen) {row['per_doc_sdpa_ms']:.2f} ms")
         out.append(row)
     return out
 
@@ -263,13 +276,16 @@ def bench_lightning(sizes, a, cpx):
                     o, _ = op(q, k, v, slopes, cu)
                     o.backward(do)
                 return f
-            cu1 = torch.tensor([0, Tg], dtype=torch.int32, device=DEV)
+            cu1 = dev_cu([0, Tg])
             row["cp1_ms"] = slowest(timeit(run(local, cu1), a.warmup, a.iters)) * 1e3
             if WORLD > 1:
                 cu_l, _ = local_piece([0, Tg * WORLD], 1, Tg * WORLD)
-                for mode in ("laspplus", "lasp"):
-                    op = ContextLightningOp(LightningOp(), cpx, mode)
+                for mode in ("laspplus", "laspplus_generic", "lasp"):
+                    # laspplus: fused into the kernel's passes; _generic: separate state GEMMs
+                    context.FUSED = mode != "laspplus_generic"
+                    op = ContextLightningOp(LightningOp(), cpx, mode.split("_")[0])
                     row[f"{mode}_ms"] = slowest(timeit(run(op, cu_l), a.warmup, a.iters)) * 1e3
+                    context.FUSED = True
                     row[f"{mode}_vs_cp1"] = row["cp1_ms"] / row[f"{mode}_ms"]
                     row[f"{mode}_ns_per_token"] = row[f"{mode}_ms"] * 1e6 / Tg
                 # the collectives alone
@@ -321,7 +337,7 @@ def bench_ring(sizes, a, cpx):
                 x.grad = None
             op(qs, ks, vs, cu_t, 1 / math.sqrt(K_DIM)).backward(dos)
         return f
-    cu_full = torch.tensor(cu, dtype=torch.int32, device=DEV)
+    cu_full = dev_cu(cu)
     if RANK == 0 or WORLD == 1:  # CP=1: the whole batch on one GPU
         row["cp1_ms"] = timeit(run(DocSoftmaxOp(), cu_full, slice(0, T)), a.warmup, a.iters,
                                together=False) * 1e3
@@ -365,13 +381,14 @@ def table(res):
     lines += ["", f"lightning fwd+bwd, one document per row, CP={WORLD} (ns/token per GPU; "
               f"vs CP=1 = per-GPU throughput relative to one GPU; comm = collectives alone / op)",
               f"{'H':>3} {'T/GPU':>8} {'CP=1 ns/tok':>12} " + (
-                  f"{'LASP+ ns/tok':>13} {'vs CP=1':>8} {'comm':>6} {'LASP ns/tok':>12} "
-                  f"{'vs CP=1':>8} {'comm':>6}" if WORLD > 1 else "")]
+                  f"{'LASP+ ns/tok':>13} {'vs CP=1':>8} {'comm':>6} {'unfused vs CP=1':>16} "
+                  f"{'LASP ns/tok':>12} {'vs CP=1':>8} {'comm':>6}" if WORLD > 1 else "")]
     for r in res["lightning"]:
         s = f"{r['H']:>3} {r['T_per_gpu']:>8} {r['cp1_ns_per_token']:>12.3f} "
         if WORLD > 1:
             s += (f"{r['laspplus_ns_per_token']:>13.3f} {r['laspplus_vs_cp1']:>8.3f} "
-                  f"{r['laspplus_comm_share']:>6.1%} {r['lasp_ns_per_token']:>12.3f} "
+                  f"{r['laspplus_comm_share']:>6.1%} {r['laspplus_generic_vs_cp1']:>16.3f} "
+                  f"{r['lasp_ns_per_token']:>12.3f} "
                   f"{r['lasp_vs_cp1']:>8.3f} {r['lasp_comm_share']:>6.1%}")
         lines.append(s)
     for r in res["ring"]:

@@ -35,7 +35,7 @@ MODEL = ["model.name=bench1b", "model.vocab_size=32000", "model.hidden_size=2048
          "model.ffn_hidden_size=5632", "model.max_position_embeddings=65536",
          "model.lightning_block_size=64"]
 TRAIN = ["data.seq_len=4096", "data.corpus_max_bytes=4000000", "train.global_batch=8",
-         "train.micro_batch=1", "train.lr=3e-4", "train.min_lr=3e-5", "train.warmup_steps=5",
+         "train.micro_batch=null", "train.lr=3e-4", "train.min_lr=3e-5", "train.warmup_steps=5",
          "train.schedule=constant", "train.device=cuda", "train.dtype=bf16",
          "run.progress=false", "parallel.zero1=true", "parallel.timeout_s=300"]
 

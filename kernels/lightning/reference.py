@@ -36,7 +36,8 @@ def sequence_bounds(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> list[tu
         return [(b, 0, T) for b in range(B)]
     if B != 1:
         raise ValueError(f"with cu_seqlens the inputs must be packed as [1, T, H, D], got batch {B}")
-    cu = [int(x) for x in cu_seqlens.tolist()]
+    host = getattr(cu_seqlens, "host", None)  # a host copy that travels with the batch
+    cu = [int(x) for x in (host if host is not None else cu_seqlens.tolist())]
     if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
         raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu}")
     return [(0, a, b) for a, b in zip(cu, cu[1:])]

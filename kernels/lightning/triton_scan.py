@@ -254,7 +254,8 @@ def _jit(fn):
 class Plan:
     """Work items (token ranges inside one sequence) for one call shape; reused by the backward."""
 
-    def __init__(self, bounds: list[tuple[int, int]], seg_len: int | None, device):
+    def __init__(self, bounds: list[tuple[int, int]], seg_len: int | None, device,
+                 two_pass: bool = False):
         bos, eos, seq_items = [], [], [0]
         for a, b in bounds:
             if seg_len is None or b - a <= seg_len:
@@ -267,8 +268,9 @@ class Plan:
             seq_items.append(len(bos))
         self.n_seq = len(bounds)
         self.n_items = len(bos)
-        self.two_pass = self.n_items != self.n_seq
+        self.two_pass = two_pass or self.n_items != self.n_seq  # forced: a state hook needs it
         self.seg_len = seg_len
+        self.host_bos, self.host_eos, self.host_seq_items = bos, eos, seq_items
         idx = torch.tensor([bos, eos], dtype=torch.int32)
         self.item_bos = idx[0].to(device)
         self.item_eos = idx[1].to(device)
@@ -278,14 +280,15 @@ class Plan:
 _PLAN_CACHE: dict = {}
 
 
-def get_plan(bounds, seg_len, device) -> Plan:
-    """Plans are cached per (bounds, seg_len, device): the index tensors are built once."""
-    key = (tuple(bounds), seg_len, str(device))
+def get_plan(bounds, seg_len, device, two_pass: bool = False) -> Plan:
+    """Plans are cached per (bounds, seg_len, device, two_pass): the index tensors are built
+    once."""
+    key = (tuple(bounds), seg_len, str(device), two_pass)
     plan = _PLAN_CACHE.get(key)
     if plan is None:
         if len(_PLAN_CACHE) > 256:
             _PLAN_CACHE.clear()
-        plan = _PLAN_CACHE[key] = Plan(bounds, seg_len, device)
+        plan = _PLAN_CACHE[key] = Plan(bounds, seg_len, device, two_pass)
     return plan
 
 
@@ -304,7 +307,7 @@ def choose_seg_len(bounds, H, NV, device, seg_len=None):
         return None if seg_len <= 0 else seg_len
     lens = [b - a for a, b in bounds]
     total, longest = sum(lens), max(lens) if lens else 0
-    if longest <= 2048:
+    if longest <= 4096:  # short: the split's extra launches cost more host time than it saves
         return None
     # Single pass: one program per (sequence, head, V tile), each walks its whole sequence; its
     # time is set by the longest sequence. Balanced: the same work spread over every SM. The
@@ -333,20 +336,34 @@ def _cfg(K, V, dtype, device):
 
 
 def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final_state=False,
-                   reverse=False, out_dtype=None, block_t: int | None = None):
+                   reverse=False, out_dtype=None, block_t: int | None = None, state_hook=None,
+                   items_in=None, keep_items_in: bool = False, cfg=None, slog2=None):
     """o = scan attention (see module doc). q, k: [T, H, K] contiguous; v: [T, H, V] contiguous.
 
     initial_state: [N, H, K, V] (any strides, any float dtype) or None.
-    Returns (o [T, H, V] in out_dtype or q's dtype, final [N, H, K, V] fp32 or None)."""
+    ``state_hook(s_loc, plan) -> initial_state`` (two-pass plans only): called between the state
+    pass and the chain with the items' local states ``s_loc`` [I, H, K, V] (fp32, from zero,
+    decayed to the item's end — its start when ``reverse``); what it returns is the initial
+    state of the chain and the outputs (context parallelism computes it from every rank's states
+    there, so the states cost no pass of their own).
+    ``items_in`` [I, H, K, V] (any strides): every item's incoming state, already known — only
+    the out pass runs. The backward passes it the transposed incoming states of a scan over the
+    same tensors (dq's are the forward's, dk's are dv's: the states ``Σ k vᵀ`` and ``Σ v kᵀ``
+    are transposes), which saves their state and chain passes.
+    ``cfg`` (:func:`_cfg` of these K, V, dtype) and ``slog2`` (``slopes · log2 e``, fp32, on the
+    device) may be passed in by a caller that launches several scans (less host time a call).
+    Returns (o [T, H, V] in out_dtype or q's dtype, final [N, H, K, V] fp32 or None), plus the
+    items' incoming states (two-pass plans; else None) when ``keep_items_in``."""
     T, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
-    cfg = _cfg(K, V, q.dtype, dev)
+    cfg = dict(cfg) if cfg is not None else _cfg(K, V, q.dtype, dev)
     if block_t is not None:
         cfg["BT"] = block_t
     BT, BK, BV = cfg["BT"], cfg["BK"], cfg["BV"]
     NV = triton.cdiv(V, BV)
-    slog2 = (slopes.detach().to(device=dev, dtype=torch.float32) * LOG2E).contiguous()
+    if slog2 is None:
+        slog2 = (slopes.detach().to(device=dev, dtype=torch.float32) * LOG2E).contiguous()
     o = torch.empty((T, H, V), dtype=out_dtype or q.dtype, device=dev)
     N, I = plan.n_seq, plan.n_items
     final = (torch.empty((N, H, K, V), dtype=torch.float32, device=dev)
@@ -356,8 +373,21 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
     if I == 0:
         if output_final_state:
             final.copy_(initial_state.float() if initial_state is not None else 0.)
-        return o, final
+        return (o, final, None) if keep_items_in else (o, final)
     dummy = slog2
+    if items_in is not None:
+        if output_final_state or state_hook is not None:
+            raise ValueError("scan_attention: items_in runs the out pass alone (no final state, "
+                             "no hook)")
+        _jit(_scan_out)[(NV, I, H)](
+            q, k, v, o, slog2, plan.item_bos, plan.item_eos,
+            items_in, *items_in.stride(), dummy,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_INIT=True,
+            STORE_FINAL=False, REVERSE=reverse, **common, **launch)
+        return (o, None, None) if keep_items_in else (o, None)
+    if state_hook is not None and not plan.two_pass:
+        raise ValueError("scan_attention: a state hook needs a two-pass plan (get_plan(..., "
+                         "two_pass=True))")
     if not plan.two_pass:
         s0 = initial_state
         st = s0.stride() if s0 is not None else (0, 0, 0, 0)
@@ -366,7 +396,7 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
             s0 if s0 is not None else dummy, *st, final if final is not None else dummy,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_INIT=s0 is not None,
             STORE_FINAL=output_final_state, REVERSE=reverse, **common, **launch)
-        return o, final
+        return (o, final, None) if keep_items_in else (o, final)
     # two pass: local item states, chain them per sequence, then the outputs
     SBK, SBV = min(BK, 64), min(triton.next_power_of_2(V), 64)
     SNK, SNV = triton.cdiv(K, SBK), triton.cdiv(V, SBV)
@@ -375,7 +405,7 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
         k, v, slog2, plan.item_bos, plan.item_eos, s_loc,
         H=H, K=K, V=V, BT=BT, BK=SBK, BV=SBV, NV=SNV, REVERSE=reverse, **common, **launch)
     s_in = torch.empty_like(s_loc)
-    s0 = initial_state
+    s0 = initial_state if state_hook is None else state_hook(s_loc, plan)
     st = s0.stride() if s0 is not None else (0, 0, 0, 0)
     _jit(_scan_chain)[(SNK * SNV, N, H)](
         slog2, plan.item_bos, plan.item_eos, plan.seq_items, s_loc, s_in,
@@ -387,4 +417,4 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
         s_in, *s_in.stride(), dummy,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_INIT=True,
         STORE_FINAL=False, REVERSE=reverse, **common, **launch)
-    return o, final
+    return (o, final, s_in) if keep_items_in else (o, final)

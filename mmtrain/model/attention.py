@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from mmtrain.config import ModelConfig
 from mmtrain.model.layers import (RMSNorm, apply_partial_rope, lightning_slopes, rope_cos_sin,
                                   xavier_normal_)
+from mmtrain.model.moe import compute_dtype
 from mmtrain.model.ops import LightningOp, SoftmaxOp
+from mmtrain.model.recompute import maybe_checkpoint
 
 
 class LightningAttention(nn.Module):
@@ -38,6 +40,7 @@ class LightningAttention(nn.Module):
         # slice); recomputed by reset_buffers after a build on the meta device
         self.head_start, self.total_heads, self.num_layers = 0, cfg.num_heads, cfg.num_layers
         self.core = LightningOp(cfg.lightning_block_size)
+        self.recompute_core = False  # train.recompute=selective (mmtrain.model.recompute)
 
     def reset_buffers(self):
         s = lightning_slopes(self.layer_idx, self.num_layers, self.total_heads)
@@ -45,14 +48,22 @@ class LightningAttention(nn.Module):
         self.slopes = s[h0:h0 + self.num_heads].to(torch.float32).to(self.slopes.device)
 
     def forward(self, x_TD, cu_seqlens, position_ids=None):
-        T = x_TD.shape[0]
+        qkv, gate = self.qkv_proj(x_TD), self.gate_proj(x_TD)
+        # The output norm and gate run in the compute dtype (bf16 under autocast: the core's
+        # output is not widened to the fp32 residual stream's dtype; fp32 runs are unchanged).
+        o = maybe_checkpoint(self.recompute_core, self._core, qkv, gate, cu_seqlens,
+                             compute_dtype(x_TD))
+        return self.out_proj(o)
+
+    def _core(self, qkv_T3, gate_TW, cu_seqlens, dtype):
+        """From the qkv and gate projections to the input of ``out_proj``."""
+        T = qkv_T3.shape[0]
         H, K = self.num_heads, self.head_dim
-        qkv = F.silu(self.qkv_proj(x_TD)).view(T, H, 3 * K)
+        qkv = F.silu(qkv_T3).view(T, H, 3 * K)
         q, k, v = qkv.split(K, dim=-1)  # per-head layout: [q_h | k_h | v_h] for each head
         o, _ = self.core(q[None], k[None], v[None], self.slopes, cu_seqlens)
-        o = self.norm(o[0].reshape(T, H * K).to(x_TD.dtype))
-        o = o * torch.sigmoid(self.gate_proj(x_TD))
-        return self.out_proj(o)
+        o = self.norm(o[0].reshape(T, H * K).to(dtype))
+        return o * torch.sigmoid(gate_TW)
 
     def reset_parameters(self, beta: float, generator=None):
         xavier_normal_(self.qkv_proj.weight, generator=generator)

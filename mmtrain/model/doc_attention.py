@@ -355,5 +355,7 @@ class DocSoftmaxOp:
                 cu_seqlens._doc_block_mask = (key, bm)
             # the same call (with LSE) as the ring's steps: one compiled graph serves both
             return _flex_call(q_THK, k_TGK, v_TGK, bm, scale, self.attn.impl != "flex_eager")[0]
-        segs = Segments.from_cu([int(x) for x in cu_seqlens.tolist()], T)
+        from mmtrain.data.batch import host_cu
+
+        segs = Segments.from_cu(host_cu(cu_seqlens), T)
         return _DocAttnFn.apply(q_THK, k_TGK, v_TGK, segs, scale, self.attn)

@@ -19,7 +19,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # A half-precision input (the lightning output norm under autocast) meets the gain in its
+        # dtype, as autocast does for a GEMM's weight (the fused kernel needs equal dtypes; it
+        # accumulates in fp32); fp32 inputs are unchanged.
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
     def reset_parameters(self):
         nn.init.ones_(self.weight)

@@ -57,11 +57,21 @@ class Routing:
     weight_TK: torch.Tensor  # renormalised weights (fp32)
     keep_TK: torch.Tensor  # bool, False where capacity dropped the slot
     probs_TE: torch.Tensor  # full softmax (fp32)
+    # recompute the unpermute-and-weigh of the experts' outputs in the backward instead of
+    # keeping its fp32 [T·K, D] copy (train.recompute=selective; see mmtrain.model.recompute)
+    recompute_combine: bool = False
 
 
-def route(logits_TE: torch.Tensor, top_k: int, capacity_factor: float | None) -> Routing:
+def route(logits_TE: torch.Tensor, top_k: int, capacity_factor: float | None,
+          idx_TK: torch.Tensor | None = None) -> Routing:
+    """Top-k routing; ``idx_TK`` given: these experts (a recomputation replays the original
+    forward's choice), weights from ``logits_TE`` all the same."""
     probs = torch.softmax(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)), dim=-1)
-    w, idx = torch.topk(probs, top_k, dim=-1)
+    if idx_TK is None:
+        with torch.no_grad():
+            idx_TK = torch.topk(probs, top_k, dim=-1).indices
+    w = probs.gather(1, idx_TK)  # the same graph either way (a recomputation must match it)
+    idx = idx_TK
     w = w / w.sum(dim=-1, keepdim=True)
     keep = capacity_keep(idx, probs.shape[-1], capacity_factor)
     return Routing(idx, w, keep, probs)
@@ -117,6 +127,10 @@ class Balance:
         self.step_tokens: Optional[int] = None  # routed tokens of the whole step, all ranks
         self.running: dict[int, torch.Tensor] = {}  # layer -> [E] counts routed so far
         self.stats: dict[int, torch.Tensor] = {}  # layer -> [2E + 2] fp64 (see record)
+        # While a checkpointed layer runs (mmtrain.model.recompute): where its original forward
+        # records the routing decisions and aux weights, and whether this is the recomputation
+        # (which replays them: no second record, no running-count update, no collective).
+        self.tape: Optional["Tape"] = None
 
     # -- hooks the distributed version overrides
     def group_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -135,19 +149,22 @@ class Balance:
 
     def aux(self, layer: int, probs_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """The layer's aux term of this call (differentiable through ``probs_TE``)."""
-        E = probs_TE.shape[-1]
+        return aux_term(probs_TE, self.aux_weights(layer, probs_TE.shape[0], counts_E))
+
+    def aux_weights(self, layer: int, num_tokens: int, counts_E: torch.Tensor):
+        """(f [E] fp64, divisor) of the layer's aux term of this call; updates the step's running
+        counts (a collective under distributed balance; no gradient)."""
         with torch.no_grad():
             group_counts = self.group_sum(counts_E.to(torch.float64))
-        if self.step_tokens is None:  # standalone call: f and m of this call's tokens
-            f = group_counts / group_counts.sum().clamp_min(1)
-            n = self.group_sum(torch.tensor(float(probs_TE.shape[0]), dtype=torch.float64,
-                                            device=probs_TE.device))
-            return E * (f.to(probs_TE.dtype) * probs_TE.sum(0)).sum() / n.to(probs_TE.dtype)
-        run = self.running.get(layer)
-        run = group_counts if run is None else run + group_counts
-        self.running[layer] = run
-        f = run / run.sum().clamp_min(1)
-        return E * (f.to(probs_TE.dtype) * probs_TE.sum(0)).sum() / self.step_tokens
+            if self.step_tokens is None:  # standalone call: f and m of this call's tokens
+                f = group_counts / group_counts.sum().clamp_min(1)
+                n = self.group_sum(torch.tensor(float(num_tokens), dtype=torch.float64,
+                                                device=counts_E.device))
+                return f, n
+            run = self.running.get(layer)
+            run = group_counts if run is None else run + group_counts
+            self.running[layer] = run
+            return run / run.sum().clamp_min(1), self.step_tokens
 
     def record(self, layer: int, probs_TE: torch.Tensor, counts_E: torch.Tensor,
                dropped: torch.Tensor) -> None:
@@ -159,6 +176,25 @@ class Balance:
                              counts_E.new_full((1,), probs_TE.shape[0], dtype=torch.float64)])
             prev = self.stats.get(layer)
             self.stats[layer] = row if prev is None else prev + row
+
+
+def aux_term(probs_TE: torch.Tensor, weights) -> torch.Tensor:
+    """``E · Σ_i f_i · S_i / n`` with (f, n) from :meth:`Balance.aux_weights` and S the
+    probability sums of this call (differentiable through ``probs_TE``)."""
+    f, n = weights
+    E = probs_TE.shape[-1]
+    n = n.to(probs_TE.dtype) if torch.is_tensor(n) else n
+    return E * (f.to(probs_TE.dtype) * probs_TE.sum(0)).sum() / n
+
+
+class Tape:
+    """The MoE decisions of one checkpointed forward (:mod:`mmtrain.model.recompute`), per layer:
+    the chosen experts, the capacity keep mask and the aux weights. ``replay``: the recomputation
+    is running and reads them back."""
+
+    def __init__(self):
+        self.entries: dict[int, dict] = {}
+        self.replay = False
 
 
 def step_summary(stats: torch.Tensor, num_experts: int, top_k: int) -> dict:
@@ -407,6 +443,11 @@ def combine_slots(y_SD: torch.Tensor, order_S: torch.Tensor, inv_S: torch.Tensor
                   routing: Routing) -> torch.Tensor:
     """Unpermute the slots' outputs (``y_SD`` in sorted order; missing trailing rows are dropped
     slots) and sum each token's K experts, weighted, in fp32 (dropped slots weigh 0)."""
+    if routing.recompute_combine and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        plain = Routing(routing.idx_TK, routing.weight_TK, routing.keep_TK, routing.probs_TE)
+        return checkpoint(combine_slots, y_SD, order_S, inv_S, plain, use_reentrant=False)
     T, K = routing.idx_TK.shape
     y_TKD = _Gather.apply(y_SD, inv_S, order_S, 1) if y_SD.shape[0] == T * K else \
         _Gather.apply(torch.cat([y_SD, y_SD.new_zeros((T * K - y_SD.shape[0], y_SD.shape[1]))]),
@@ -444,6 +485,7 @@ class MoE(nn.Module):
         self.dispatcher = LocalDispatcher(drops=cfg.capacity_factor is not None)
         self.balance = Balance(cfg.global_routing)
         self.last_stats: dict = {}
+        self.recompute_combine = False  # train.recompute=selective (mmtrain.model.recompute)
 
     def forward(self, x_TD: torch.Tensor):
         """Returns (y_TD, aux) with aux this call's differentiable aux term (see the module
@@ -451,15 +493,28 @@ class MoE(nn.Module):
         rdt = torch.promote_types(x_TD.dtype, torch.float32)  # fp32 routing (fp64 in fp64 tests)
         with torch.autocast(x_TD.device.type, enabled=False):  # fp32 logits, not autocast's bf16
             logits = F.linear(x_TD.to(rdt), self.router.weight.to(rdt))
-        routing = route(logits, self.top_k, None)
-        routing.keep_TK = self.balance.keep(routing.idx_TK, self.num_experts,
-                                            self.capacity_factor)
+        tape = self.balance.tape
+        if tape is not None and tape.replay:  # recomputation: the original forward's decisions
+            saved = tape.entries[self.layer_idx]
+            routing = route(logits, self.top_k, None, idx_TK=saved["idx"])
+            routing.keep_TK = saved["keep"]
+        else:
+            routing = route(logits, self.top_k, None)
+            routing.keep_TK = self.balance.keep(routing.idx_TK, self.num_experts,
+                                                self.capacity_factor)
+        routing.recompute_combine = self.recompute_combine
         y = self.dispatcher(x_TD, routing, self.experts)
+        if tape is not None and tape.replay:
+            return y, aux_term(routing.probs_TE, saved["aux"])
         counts = torch.bincount(routing.idx_TK.reshape(-1), minlength=self.num_experts)
-        aux = self.balance.aux(self.layer_idx, routing.probs_TE, counts)
+        weights = self.balance.aux_weights(self.layer_idx, routing.probs_TE.shape[0], counts)
+        aux = aux_term(routing.probs_TE, weights)
         dropped = (~routing.keep_TK).sum()
         self.balance.record(self.layer_idx, routing.probs_TE, counts, dropped)
         self.last_stats = {"dropped": dropped, "slots": routing.keep_TK.numel(), "load": counts}
+        if tape is not None:
+            tape.entries[self.layer_idx] = {"idx": routing.idx_TK, "keep": routing.keep_TK,
+                                            "aux": weights}
         return y, aux
 
     def reset_parameters(self, beta: float, generator=None):

@@ -12,9 +12,10 @@ attention) per module, without globals.
 * ``SoftmaxOp(q, k, v, cu_seqlens, scale) -> o``
   q: [T, H, K], k, v: [T, G, K]; causal within each sequence, nothing across sequences.
 
-Which softmax op runs where: the model's default core is :class:`SoftmaxOp` (flash-attn's varlen
-kernel on CUDA when installed, else one SDPA call per document — a host sync and a launch per
-document; said once in the log on CUDA). :class:`mmtrain.model.doc_attention.DocSoftmaxOp` is the
+Which softmax op runs where: the model's default core is :class:`SoftmaxOp` (on CUDA in half
+precision flash-attn's varlen kernel when installed, else torch's built-in FlashAttention-2 varlen
+kernel — one launch, no host sync; elsewhere one SDPA call per document, said once in the log on
+CUDA). :class:`mmtrain.model.doc_attention.DocSoftmaxOp` is the
 document-masked alternative with the same interface (FlexAttention with a block mask on CUDA, no
 host sync; the exact torch reference on CPU). Under context parallelism the softmax cores are
 Varlen Ring Attention (:mod:`mmtrain.parallel.ring`) around
@@ -24,6 +25,7 @@ log-sum-exp).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -63,37 +65,69 @@ def _flash_varlen():
         return None
 
 
+def _torch_flash_varlen(q_THK, k_TGK, v_TGK, cu_seqlens, max_len: int, scale: float):
+    """torch's own FlashAttention-2 varlen kernel (``aten._flash_attention_forward``, which
+    carries its backward): causal within each document, GQA without copying K/V, one launch for
+    the whole packed batch."""
+    cu = cu_seqlens.to(torch.int32)
+    return torch.ops.aten._flash_attention_forward(q_THK, k_TGK, v_TGK, cu, cu, max_len, max_len,
+                                                   0.0, True, False, scale=scale)[0]
+
+
 class SoftmaxOp:
     """Local varlen causal GQA attention.
 
-    CUDA with flash-attn installed: ``flash_attn_varlen_func``. Otherwise SDPA one sequence at a
-    time (exact per document on every device)."""
+    On CUDA in half precision: flash-attn's ``flash_attn_varlen_func`` when installed, else
+    torch's built-in FlashAttention-2 varlen kernel (:func:`_torch_flash_varlen`) — one launch,
+    no host sync (the longest document comes from the host copy of ``cu_seqlens`` that travels
+    with the batch). Otherwise (CPU, fp32, or a torch without that kernel) SDPA one document at a
+    time, exact on every device; on CUDA it is told once in the log, and cuDNN's SDPA backend is
+    left out there (it builds a plan per new document length: milliseconds of host time a call).
+    """
 
     _said = False  # the slow CUDA path is logged once per process
+    _torch_flash_ok = True
 
     def __call__(self, q_THK, k_TGK, v_TGK, cu_seqlens, scale: float):
+        from mmtrain.data.batch import host_cu
+
         H, G = q_THK.shape[1], k_TGK.shape[1]
-        if q_THK.is_cuda and q_THK.dtype in (torch.float16, torch.bfloat16):
+        bounds = host_cu(cu_seqlens)
+        half = q_THK.is_cuda and q_THK.dtype in (torch.float16, torch.bfloat16)
+        if half:
+            mx = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
             fn = _flash_varlen()
             if fn is not None:
                 cu = cu_seqlens.to(torch.int32)
-                mx = int((cu[1:] - cu[:-1]).max())
                 return fn(q_THK, k_TGK, v_TGK, cu, cu, mx, mx, softmax_scale=scale, causal=True)
+            if SoftmaxOp._torch_flash_ok:
+                try:
+                    return _torch_flash_varlen(q_THK, k_TGK, v_TGK, cu_seqlens, mx, scale)
+                except (RuntimeError, TypeError) as exc:  # no such kernel in this torch build
+                    SoftmaxOp._torch_flash_ok = False
+                    log.warning("softmax attention: torch's FlashAttention varlen kernel is "
+                                "unavailable (%s); falling back to one SDPA call per document",
+                                str(exc).splitlines()[0][:200])
         if q_THK.is_cuda and not SoftmaxOp._said:
             SoftmaxOp._said = True
-            log.warning("softmax attention: one SDPA call per document on CUDA (flash-attn not "
-                        "installed or not half precision); mmtrain.model.doc_attention."
-                        "DocSoftmaxOp (FlexAttention) is the document-masked alternative")
+            log.warning("softmax attention: one SDPA call per document on CUDA (%s)",
+                        "not half precision" if not half else "no varlen flash kernel")
         out = torch.empty_like(q_THK)
         rep = H // G
-        bounds = cu_seqlens.tolist()
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            if b == a:
-                continue
-            q = q_THK[a:b].transpose(0, 1)  # [H, L, K]
-            k = k_TGK[a:b].transpose(0, 1).repeat_interleave(rep, dim=0)
-            v = v_TGK[a:b].transpose(0, 1).repeat_interleave(rep, dim=0)
-            o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
-                                               scale=scale)[0]
-            out[a:b] = o.transpose(0, 1)
+        ctx = contextlib.nullcontext()
+        if q_THK.is_cuda:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            ctx = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                               SDPBackend.MATH])
+        with ctx:
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                if b == a:
+                    continue
+                q = q_THK[a:b].transpose(0, 1)  # [H, L, K]
+                k = k_TGK[a:b].transpose(0, 1).repeat_interleave(rep, dim=0)
+                v = v_TGK[a:b].transpose(0, 1).repeat_interleave(rep, dim=0)
+                o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
+                                                   scale=scale)[0]
+                out[a:b] = o.transpose(0, 1)
         return out

@@ -11,6 +11,7 @@ option is ``h1 = h + Attn(N_in(h)); h2 = h1 + MoE(N_post(h1))``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -19,12 +20,17 @@ from mmtrain.config import ModelConfig
 from mmtrain.model.attention import LightningAttention, SoftmaxAttention
 from mmtrain.model.layers import RMSNorm
 from mmtrain.model.moe import Balance, MoE
+from mmtrain.model.recompute import MODES as RECOMPUTE_MODES
+from mmtrain.model.recompute import checkpoint_moe_layer
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: Optional[torch.Tensor]  # [B, T, V]; None with return_hidden
     aux_loss: torch.Tensor  # mean over layers of E·Σ f·m (1 when balanced)
+    # with return_hidden: final_norm(h) [P, D] of the P tokens this rank holds (under sequence
+    # parallelism its sequence shard), for a loss that applies lm_head itself (fused_ce)
+    hidden: Optional[torch.Tensor] = None
 
 
 class DecoderLayer(nn.Module):
@@ -61,6 +67,19 @@ class MiniMaxModel(nn.Module):
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.set_balance(Balance(cfg.global_routing))
+        self.recompute = "none"
+
+    def set_recompute(self, mode: str) -> None:
+        """Activation recomputation: ``none``, ``selective`` or ``full`` (see
+        :mod:`mmtrain.model.recompute`). Reads module attributes at forward time, so it may be
+        set before or after ``mmtrain.parallel`` swaps modules."""
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
+        self.recompute = mode
+        for layer in self.layers:
+            if isinstance(layer.attn, LightningAttention):  # softmax: flash saves o and lse only
+                layer.attn.recompute_core = mode == "selective"
+            layer.moe.recompute_combine = mode == "selective"
 
     # ----------------------------------------------------------------------------------------
     def set_balance(self, balance: Balance) -> None:
@@ -92,22 +111,32 @@ class MiniMaxModel(nn.Module):
         init_weights(self, self.cfg, seed)
 
     # ----------------------------------------------------------------------------------------
-    def forward(self, tokens, cu_seqlens=None, position_ids=None) -> ModelOutput:
+    def forward(self, tokens, cu_seqlens=None, position_ids=None,
+                return_hidden: bool = False) -> ModelOutput:
         """tokens [B, T]; cu_seqlens [N+1] over the flattened B·T (default: one sequence a row);
-        position_ids [B, T] (default: derived from cu_seqlens)."""
+        position_ids [B, T] (default: derived from cu_seqlens). ``return_hidden``: no logits;
+        ``hidden`` = final_norm(h) [P, D] for a loss that applies ``lm_head`` itself."""
         B, T = tokens.shape
         P = B * T
         if cu_seqlens is None:
             cu_seqlens = torch.arange(0, P + 1, T, dtype=torch.int32, device=tokens.device)
+            cu_seqlens.host = list(range(0, P + 1, T))
         if position_ids is None:
-            from mmtrain.data.batch import position_ids_from_cu_seqlens
+            from mmtrain.data.batch import host_cu, position_ids_from_cu_seqlens
 
-            position_ids = position_ids_from_cu_seqlens(cu_seqlens.cpu(), P).to(tokens.device)
+            cu = torch.tensor(host_cu(cu_seqlens), dtype=torch.int64)
+            position_ids = position_ids_from_cu_seqlens(cu, P).to(tokens.device)
         pos = position_ids.reshape(P)
         h = self.embed(tokens.reshape(P))
         aux_total = h.new_zeros((), dtype=torch.float32)
+        full = self.recompute == "full" and torch.is_grad_enabled()
         for layer in self.layers:
-            h, aux = layer(h, cu_seqlens, pos)
+            if full:  # keep the layer's input only (mmtrain.model.recompute)
+                h, aux = checkpoint_moe_layer(layer, self.balance, h, cu_seqlens, pos)
+            else:
+                h, aux = layer(h, cu_seqlens, pos)
             aux_total = aux_total + aux
+        if return_hidden:
+            return ModelOutput(None, aux_total / max(len(self.layers), 1), self.final_norm(h))
         logits = self.lm_head(self.final_norm(h))
         return ModelOutput(logits.view(B, T, -1), aux_total / max(len(self.layers), 1))

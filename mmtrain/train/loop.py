@@ -148,6 +148,7 @@ def train(cfg: Config) -> TrainResult:
 
     torch.manual_seed(tcfg.seed)
     model, par = build_parallel(cfg, topology, device)
+    model.set_recompute(tcfg.recompute)
     optimizer = build_optimizer(par, tcfg)
     start_step = 0
     if latest is not None:
@@ -193,16 +194,23 @@ def train(cfg: Config) -> TrainResult:
                 t0 = time.time()
                 wd.phase("step", step + 1)
                 micro = [par.shard_batch(b, device) for b in loader.next_step()]  # CP: a piece
-                n_tok = torch.tensor([float(sum(b.loss_mask.sum().item() for b in micro))])
+                # counted on the host before the copy (Batch.to): no device read-back
+                n_tok = torch.tensor([float(sum(b.loss_tokens if b.loss_tokens is not None
+                                                else b.loss_mask.sum().item() for b in micro))])
                 wd.phase("all_reduce(dp) token count", step + 1)
                 n_tok = max(par.all_reduce(n_tok, "dp_cp").item(), 1.0)  # CP: pieces of rows
                 wd.phase("forward/backward", step + 1)
                 model.begin_step(sched.rows(step) * cfg.data.seq_len)  # tokens routed, all ranks
-                lm_sum = torch.zeros((), dtype=torch.float64)
+                lm_sum = torch.zeros((), dtype=torch.float64, device=device)  # read once a step
                 for i, batch in enumerate(micro):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        out = model(batch.tokens, batch.cu_seqlens, batch.position_ids)
-                    ce = par.token_ce(out.logits.float(), batch.labels)
+                        out = model(batch.tokens, batch.cu_seqlens, batch.position_ids,
+                                    return_hidden=tcfg.fused_ce)
+                        if tcfg.fused_ce:  # chunked: no full-vocabulary logits
+                            ce = par.linear_ce(out.hidden, model.lm_head.weight, batch.labels,
+                                               tcfg.fused_ce_chunk)
+                    if not tcfg.fused_ce:
+                        ce = par.token_ce(out.logits.float(), batch.labels)
                     lm = (ce * batch.loss_mask.view(-1)).sum()
                     loss = lm / n_tok + tcfg.aux_loss_coef * out.aux_loss
                     poison = faults.loss_factor(step + 1)  # test-only hook: 1.0 normally
@@ -212,7 +220,7 @@ def train(cfg: Config) -> TrainResult:
                     loss.backward()
                     if i == 0:
                         wd.phase("forward", step + 1)  # fault hook: inside a step
-                    lm_sum += lm.detach().double().cpu()
+                    lm_sum += lm.detach().double()
                 if faults.active("nan_grad", step + 1):  # test-only hook
                     next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = \
                         float("nan")

@@ -150,6 +150,17 @@ def test_cp_layout_matches_single_process(reference, tmp_path, nproc, args):
     _assert_matches_reference(reference, run, out, cp)
 
 
+@pytest.mark.parametrize("args", [["parallel.cp=2", "train.recompute=full"],
+                                  ["parallel.cp=2", "train.recompute=selective",
+                                   "train.fused_ce_chunk=10"]], ids=["full", "selective"])
+def test_cp2_with_recompute_matches_single_process(reference, tmp_path, args):
+    """LASP+ and ring attention run again in the backward (every CP rank recomputes the same
+    layers in the same order); the reference runs without recomputation."""
+    run = tmp_path / "run"
+    out = _torchrun(2, reference["ovr"] + args + [f"train.max_steps={STEPS}"], run)
+    _assert_matches_reference(reference, run, out, 2)
+
+
 def test_checkpoint_reshards_between_cp2_and_one_process(reference, cp2_run, tmp_path):
     """The cp=2 checkpoint resumes in one process, and a one-process checkpoint under cp=2; the
     next steps' losses are the uninterrupted run's."""

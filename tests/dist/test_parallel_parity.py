@@ -136,6 +136,18 @@ def test_layout_with_capacity_matches_single_process(capacity, tmp_path, nproc, 
     _run_and_compare(capacity, tmp_path, nproc, args)
 
 
+# Activation recomputation re-runs the TP region hooks, the EP all-to-all and the MoE under a
+# group balance in the backward; the single-process references run without it.
+@pytest.mark.parametrize("ref,nproc,args", [
+    ("capacity", 2, ["parallel.tp=2", "train.recompute=full"]),
+    ("capacity", 2, ["parallel.tp=2", "train.recompute=selective", "train.fused_ce_chunk=24"]),
+    ("dropless", 2, ["parallel.ep=2", "train.recompute=full"]),
+    ("dropless", 2, ["parallel.ep=2", "train.recompute=selective", "train.fused_ce=false"]),
+], ids=["tp2_full", "tp2_selective", "ep2_full", "ep2_selective"])
+def test_recompute_layout_matches_single_process(request, tmp_path, ref, nproc, args):
+    _run_and_compare(request.getfixturevalue(ref), tmp_path, nproc, args)
+
+
 def test_gradient_accumulation_matches_single_process(tmp_path_factory, tmp_path):
     """DP=2 with 2 micro-batches a rank against one process with one micro-batch of 4 rows."""
     ref = _reference(tmp_path_factory, ACCUM, "accum")

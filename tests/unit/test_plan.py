@@ -265,8 +265,8 @@ def test_lightning_and_moe_activations_from_the_saved_tensors():
             2 * 2 * d,      # bf16 casts of the norm output for qkv_proj and gate_proj
             2 * 3 * w,      # qkv before SiLU
             2 * 3 * w,      # contiguous q, k, v saved by the kernel
-            4 * w,          # kernel output cast to fp32 (output-norm input)
-            4 * w,          # normed output (gate-multiply input)
+            2 * w,          # kernel output in bf16 (output-norm input)
+            2 * w,          # normed output in bf16 (gate-multiply input)
             2 * w,          # sigmoid(gate)
             2 * w]          # out_proj input
     moe = [4 * d,           # fp32 residual saved by the post norm
