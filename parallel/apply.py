@@ -1,6 +1,7 @@
 """``parallelize(model, topology, groups, ...)``: turn the plain single-device model into this
-rank's piece of a TP × DP layout, and hand back a :class:`Parallel` that the training loop uses
-for everything distributed (loss, gradient sync, clipping, optimizer, checkpoint tensors).
+rank's piece of a TP × DP layout (the shard plan, :func:`shard_model`), and hand back a
+:class:`Parallel` that the training loop uses for everything distributed (data sharding, loss,
+gradient sync, clipping, where each local shard sits in the full tensors).
 
 The model code stays plain; this file swaps modules from outside (a plan per module kind), in
 place, keeping every parameter's FQN. With tp = T, rank t of a TP group, H heads, G KV heads,
@@ -28,11 +29,11 @@ lm_head                     :class:`ColumnParallelLinear` (vocab rows), input al
                             logits stay vocab-sharded for the vocab-parallel cross-entropy
 ==========================  ====================================================================
 
-Checkpoints (see :meth:`Parallel.checkpoint_tensors`) hold the FULL logical tensors under the
-single-process keys ``model.<fqn>`` and ``optim.<fqn>.{exp_avg,exp_avg_sq,step}``: TP, EP/ETP and
-ZeRO shards are all-gathered on save and sliced on load, so any layout loads any other. This costs
-one full copy of the model and optimizer state per rank during a save or load — fine at CPU and
-small-GPU scale, to be replaced by DTensor-sharded saves for large models.
+Everything here works on a model built on the meta device (:func:`shard_model` swaps modules and
+touches no value; :class:`Parallel` then allocates only the local shards), and records where each
+local tensor sits in its full tensor (``Parallel.shards``: ``{fqn: (full shape, pieces)}``, the
+geometry of :mod:`mmtrain.model.init`). Initialisation and sharded checkpoints build on those
+pieces in :mod:`mmtrain.train.distributed`; this package imports nothing from ``mmtrain.train``.
 
 Context parallelism (cp = C, :mod:`mmtrain.parallel.context`): every rank keeps all of its TP
 shard's weights (replicated over CP); :meth:`Parallel.shard_batch` gives the rank its contiguous
@@ -51,6 +52,8 @@ parallelism.
 from __future__ import annotations
 
 import functools
+import itertools
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -59,16 +62,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmtrain.config import Config, ConfigError, ParallelConfig
-from mmtrain.parallel.data import GradSync, ParamInfo, ZeroAdamW, clip_grad_norm
+from mmtrain.model.init import Piece, whole
+from mmtrain.parallel.data import GradSync, ParamInfo, clip_grad_norm
 from mmtrain.parallel.moe import GroupBalance, shard_experts
 from mmtrain.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, SlicedLinear,
-                                     TPRMSNorm, VocabParallelEmbedding, all_gather_dim0,
+                                     TPRMSNorm, VocabParallelEmbedding,
                                      gather_from_sp, reduce_scatter_to_sp,
                                      vocab_parallel_cross_entropy,
                                      vocab_parallel_linear_cross_entropy)
 from mmtrain.parallel.topology import Topology
 
-__all__ = ["check_layout", "check_context", "parallelize", "Parallel", "GROUPS_USED"]
+__all__ = ["check_layout", "check_context", "shard_model", "ShardPlan", "parallelize", "Parallel",
+           "GROUPS_USED"]
 
 #: Process groups the trainer needs.
 GROUPS_USED = ("tp", "cp", "dp", "dp_cp", "tp_cp", "tp_dp", "tp_dp_cp", "ep", "etp", "edp")
@@ -169,7 +174,7 @@ def _shard_tensor_parallel(model: nn.Module, tp: int, t: int, group) -> dict:
             a.out_proj = RowParallelLinear(a.out_proj, heads, group, "none")
             a.norm = TPRMSNorm(a.norm.weight[heads], a.norm.eps, H * K, group)
             a.slopes = a.slopes[h0:h0 + Hl].clone()
-            a.num_heads = Hl
+            a.num_heads, a.head_start = Hl, h0
             split.update({pre + "qkv_proj.weight": 0, pre + "gate_proj.weight": 0,
                           pre + "out_proj.weight": 1, pre + "norm.weight": 0})
         elif isinstance(a, SoftmaxAttention):
@@ -213,15 +218,59 @@ def _shard_context_parallel(model: nn.Module, cp: int, c: int, groups, lightning
     return cpx
 
 
+# ------------------------------------------------------------------------------- shard plan
+@dataclass
+class ShardPlan:
+    """What :func:`shard_model` did to this rank's model: the TP split dim of each TP-split
+    parameter, and ``{fqn: (full shape, pieces)}`` of every parameter held in part (TP slices and
+    expert shards; the rest are held whole), in the geometry of :mod:`mmtrain.model.init`."""
+
+    split: dict = field(default_factory=dict)
+    shards: dict = field(default_factory=dict)
+    full_shapes: dict = field(default_factory=dict)
+    vocab_start: int = 0
+    context: object = None
+
+
+def shard_model(model: nn.Module, topology: Topology, groups, pcfg: ParallelConfig,
+                rank: int) -> ShardPlan:
+    """Swap ``model``'s modules, in place, for ``rank``'s pieces of ``topology`` (TP, CP, the
+    MoE's balance and expert shards). Touches no parameter value, so it works on a model built on
+    the meta device (only the local shards are materialised afterwards)."""
+    plan = ShardPlan(full_shapes={n: tuple(p.shape) for n, p in model.named_parameters()})
+    info = topology.rank_info(rank)
+    if topology.tp > 1:
+        plan.split = _shard_tensor_parallel(model, topology.tp, info.tp, groups.tp)
+        plan.vocab_start = info.tp * (model.cfg.vocab_size // topology.tp)
+    if topology.cp > 1:
+        plan.context = _shard_context_parallel(model, topology.cp, info.cp, groups,
+                                               pcfg.cp_lightning)
+    if groups is not None:
+        # aux loss over every rank's tokens; local capacity over the ranks that split one
+        # micro-batch (TP, and CP under context parallelism)
+        cap = groups.tp_cp if topology.cp > 1 else groups.tp
+        model.set_balance(GroupBalance(model.cfg.global_routing, groups.tp_dp_cp, cap))
+        if topology.ep * topology.etp > 1:
+            plan.shards.update(shard_experts(model, groups.ep, groups.etp,
+                                             pcfg.moe_overlap_groups))
+    params = dict(model.named_parameters())
+    for name, dim in plan.split.items():
+        local = tuple(params[name].shape)
+        glob = tuple(info.tp * n if d == dim else 0 for d, n in enumerate(local))
+        plan.shards[name] = (plan.full_shapes[name], [Piece((0,) * len(local), glob, local)])
+    return plan
+
+
 # ----------------------------------------------------------------------------------- Parallel
 class Parallel:
-    """This rank's view of the layout: what the loop calls for everything distributed.
+    """This rank's view of the layout: what the loop calls for everything distributed (data
+    sharding, loss, gradient sync, clipping; the optimizer and checkpoints build on it in
+    :mod:`mmtrain.train.distributed`).
 
-    Single process (``groups is None``): plain cross-entropy, torch AdamW, torch clipping, the
-    original checkpoint path."""
+    Single process (``groups is None``): plain cross-entropy and torch clipping."""
 
     def __init__(self, model: nn.Module, topology: Topology, groups, pcfg: ParallelConfig,
-                 device: torch.device):
+                 device: torch.device, plan: Optional[ShardPlan] = None):
         self.model, self.topology, self.groups, self.pcfg = model, topology, groups, pcfg
         self.distributed = groups is not None
         self.device = device
@@ -230,26 +279,18 @@ class Parallel:
         self.tp, self.tp_rank = topology.tp, info.tp
         self.dp, self.dp_rank = topology.dp, info.dp
         self.cp, self.cp_rank = topology.cp, info.cp
-        self.context = None
-        self.vocab_start = 0
-        split: dict[str, int] = {}
-        self.layouts: dict = {}  # expert params: fqn -> (full -> local, local -> full)
-        full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        if self.tp > 1:
-            split = _shard_tensor_parallel(model, self.tp, self.tp_rank, groups.tp)
-            self.vocab_start = self.tp_rank * (model.cfg.vocab_size // self.tp)
-        if self.cp > 1:
-            self.context = _shard_context_parallel(model, self.cp, self.cp_rank, groups,
-                                                   pcfg.cp_lightning)
-        if self.distributed:
-            # aux loss over every rank's tokens; local capacity over the ranks that split one
-            # micro-batch (TP, and CP under context parallelism)
-            cap = groups.tp_cp if self.cp > 1 else groups.tp
-            model.set_balance(GroupBalance(model.cfg.global_routing, groups.tp_dp_cp, cap))
-            if topology.ep * topology.etp > 1:
-                self.layouts = shard_experts(model, groups.ep, groups.etp,
-                                             pcfg.moe_overlap_groups)
-        model.to(device)
+        if plan is None:
+            plan = shard_model(model, topology, groups, pcfg, rank)
+        self.plan = plan
+        self.context = plan.context
+        self.vocab_start = plan.vocab_start
+        #: ``{fqn: (full shape, pieces)}`` of the parameters held in part
+        self.shards = plan.shards
+        split = plan.split
+        if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+            model.to_empty(device=device)  # this rank's shards only; values are set by the caller
+        else:
+            model.to(device)
         self.infos: list[ParamInfo] = []
         for name, p in model.named_parameters():
             if not p.requires_grad:
@@ -261,7 +302,7 @@ class Parallel:
                 group = "dp" + cp
             else:
                 group = ("tp_dp" if self.tp > 1 else "dp") + cp
-            self.infos.append(ParamInfo(name, p, group, full_shapes[name], split.get(name),
+            self.infos.append(ParamInfo(name, p, group, plan.full_shapes[name], split.get(name),
                                         decay=p.dim() >= 2))
         self.sync: Optional[GradSync] = None
         if self.distributed:
@@ -269,6 +310,26 @@ class Parallel:
                    "dp_cp": groups.dp_cp, "tp_dp_cp": groups.tp_dp_cp}
             self.sync = GradSync(self.infos, pgs, pcfg.bucket_mb, pcfg.zero1,
                                  overlap=device.type == "cuda", device=device)
+
+    def pieces(self, name: str, local_shape: tuple) -> list:
+        """Where parameter ``name``'s local tensor sits in its full tensor."""
+        return self.shards[name][1] if name in self.shards else whole(local_shape)
+
+    def owned(self):
+        """``(bucket, info, offset, lo, hi)`` for each parameter: its offset in its bucket and the
+        flat range [lo, hi) of its local tensor that this rank owns in the bucket (its replicas,
+        the ranks of the bucket's group, own disjoint ranges that cover it; [0, numel) in a
+        single process)."""
+        if self.sync is None:
+            return [(None, i, 0, 0, i.param.numel()) for i in self.infos]
+        out = []
+        for b in self.sync.buckets:
+            own = b.owned
+            for info, off in zip(b.infos, b.offsets):
+                lo = max(own.start, off) - off
+                hi = min(own.stop, off + info.param.numel()) - off
+                out.append((b, info, off, lo, max(lo, hi)))
+        return out
 
     # ------------------------------------------------------------------------------ data
     def shard_batch(self, batch, device):
@@ -306,15 +367,7 @@ class Parallel:
                 t.copy_(buf)
         return t
 
-    # ------------------------------------------------------------------------- optimizer
-    def build_optimizer(self, tcfg):
-        if self.distributed and self.pcfg.zero1:
-            return ZeroAdamW(self.sync, tcfg.lr, (tcfg.beta1, tcfg.beta2), tcfg.eps,
-                             tcfg.weight_decay)
-        from mmtrain.train.optim import build_optimizer
-
-        return build_optimizer(self.model, tcfg)
-
+    # ------------------------------------------------------------------------ grad sync
     def prepare_backward(self, last_micro_batch: bool) -> None:
         if self.sync is not None:
             self.sync.prepare_backward(last_micro_batch)
@@ -330,93 +383,13 @@ class Parallel:
             return torch.nn.utils.clip_grad_norm_(params, limit)
         return clip_grad_norm(self.sync, limit)
 
-    # ------------------------------------------------------------------------ full tensors
-    def _full(self, info: ParamInfo, local: torch.Tensor) -> torch.Tensor:
-        """The full logical tensor of a local piece (collective over TP for split params, over
-        EP and ETP for sharded experts)."""
-        if info.name in self.layouts:
-            return self.layouts[info.name][1](local.detach())
-        if info.tp_dim is None or self.tp == 1:
-            return local
-        pieces = all_gather_dim0(local.detach().movedim(info.tp_dim, 0).contiguous(),
-                                 self.groups.tp)
-        return pieces.movedim(0, info.tp_dim).contiguous()
-
-    def _local(self, info: ParamInfo, full: torch.Tensor) -> torch.Tensor:
-        if info.name in self.layouts:
-            return self.layouts[info.name][0](full)
-        if info.tp_dim is None or self.tp == 1:
-            return full
-        n = full.shape[info.tp_dim] // self.tp
-        return full.narrow(info.tp_dim, self.tp_rank * n, n)
-
-    def full_state_dict(self) -> dict:
-        """``{fqn: full tensor}`` of the model (collective under TP)."""
-        return {i.name: self._full(i, i.param.detach()) for i in self.infos}
-
-    def checkpoint_tensors(self, optimizer) -> Optional[dict]:
-        """The tensors to save (full logical tensors, single-process keys); ``None`` in a
-        single process (the checkpoint module saves model and optimizer as before)."""
-        if not self.distributed:
-            return None
-        out = {f"model.{k}": v for k, v in self.full_state_dict().items()}
-        if isinstance(optimizer, ZeroAdamW):
-            step = torch.tensor(float(optimizer.step_count))
-            for key in ("exp_avg", "exp_avg_sq"):
-                flats = optimizer.full_bucket_state(key)
-                for b, flat in zip(self.sync.buckets, flats):
-                    for info, view in b.views(flat):
-                        out[f"optim.{info.name}.{key}"] = self._full(info, view)
-            for info in self.infos:
-                out[f"optim.{info.name}.step"] = step.clone()
-        else:
-            for info in self.infos:
-                state = optimizer.state.get(info.param) or {}
-                for key in ("exp_avg", "exp_avg_sq", "step"):
-                    if key in state:
-                        val = state[key]
-                        out[f"optim.{info.name}.{key}"] = (val if key == "step"
-                                                           else self._full(info, val))
-        return out
-
-    def load_checkpoint(self, path, optimizer) -> dict:
-        """Load a checkpoint written under any layout; returns this rank's JSON state."""
-        from mmtrain.train import checkpoint as ckpt
-
-        if not self.distributed:
-            return ckpt.load(path, self.model, optimizer)
-        full = {}
-        for info in self.infos:
-            full[f"model.{info.name}"] = torch.empty(info.full_shape, dtype=info.param.dtype)
-            for key in ("exp_avg", "exp_avg_sq"):
-                full[f"optim.{info.name}.{key}"] = torch.empty(info.full_shape,
-                                                               dtype=torch.float32)
-            full[f"optim.{info.name}.step"] = torch.zeros((), dtype=torch.float32)
-        state = ckpt.load(path, None, None, tensors=full)
-        with torch.no_grad():
-            for info in self.infos:
-                info.param.copy_(self._local(info, full[f"model.{info.name}"]))
-        local = {i.name: {k: self._local(i, full[f"optim.{i.name}.{k}"]).to(i.param.device)
-                          for k in ("exp_avg", "exp_avg_sq")} for i in self.infos}
-        step = full[f"optim.{self.infos[0].name}.step"] if self.infos else torch.zeros(())
-        if isinstance(optimizer, ZeroAdamW):
-            optimizer.load_local(local, int(step.item()))
-        else:
-            from mmtrain.train.checkpoint import optimizer_tensors
-
-            optimizer_tensors(self.model, optimizer, materialize=True)
-            with torch.no_grad():
-                for info in self.infos:
-                    st = optimizer.state[info.param]
-                    for k in ("exp_avg", "exp_avg_sq"):
-                        st[k].copy_(local[info.name][k])
-                    st["step"].copy_(full[f"optim.{info.name}.step"])
-        return state
-
 
 def parallelize(model: nn.Module, topology: Topology, groups, pcfg: ParallelConfig,
                 device: torch.device) -> Parallel:
-    """Shard ``model`` (built in full, initialised, on CPU) in place for this rank of
-    ``topology``, move it to ``device`` and return the :class:`Parallel` handle. ``groups`` is
+    """Shard ``model`` in place for this rank of ``topology`` (:func:`shard_model`), bring its
+    local shards to ``device`` and return the :class:`Parallel` handle. ``model`` is either built
+    in full and initialised (its shards keep their values) or built on the meta device (the
+    shards are then allocated on ``device`` uninitialised: :func:`mmtrain.model.init.init_weights`
+    with ``Parallel.shards`` fills them). ``groups`` is
     :func:`mmtrain.parallel.groups.create_process_groups`'s result (``None``: single process)."""
     return Parallel(model, topology, groups, pcfg, device)

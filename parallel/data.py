@@ -310,25 +310,14 @@ class ZeroAdamW:
             b.shard_grad = None
 
     # ------------------------------------------------------------------- checkpoint support
-    def full_bucket_state(self, key: str) -> list:
-        """Per bucket, the whole (unsharded) flat ``exp_avg`` / ``exp_avg_sq`` (collective over
-        each bucket's group)."""
-        out = []
-        for b, st in zip(self.sync.buckets, self.shards):
-            out.append(all_gather_dim0(st[key], b.group) if b.n > 1 else st[key])
-        return out
-
     @torch.no_grad()
-    def load_local(self, local_state: dict, step: int) -> None:
-        """Fill the owned shards from per-parameter local tensors: ``local_state[name]`` is a
-        dict with ``exp_avg`` and ``exp_avg_sq`` shaped like the local parameter. The master
-        copy is taken from the (already loaded) parameters."""
-        self.step_count = int(step)
+    def reset_master(self) -> None:
+        """Take the owned master shards from the (just loaded) parameters; the moments are loaded
+        into ``shards[i]["exp_avg" | "exp_avg_sq"]`` in place (``mmtrain.train.distributed``)."""
         for b, st in zip(self.sync.buckets, self.shards):
-            flat = {k: torch.zeros(b.padded, dtype=torch.float32, device=b.grad.device)
-                    for k in ("master", "exp_avg", "exp_avg_sq")}
-            for k, buf in flat.items():
-                for info, view in b.views(buf):
-                    src = info.param.detach() if k == "master" else local_state[info.name][k]
-                    view.copy_(src)
-                st[k] = buf[b.owned].clone()
+            own = b.owned
+            for info, off in zip(b.infos, b.offsets):
+                lo, hi = max(own.start, off), min(own.stop, off + info.param.numel())
+                if lo < hi:
+                    st["master"][lo - own.start:hi - own.start].copy_(
+                        info.param.detach().reshape(-1)[lo - off:hi - off])

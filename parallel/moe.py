@@ -48,7 +48,8 @@ from mmtrain.model.moe import (Balance, Experts, Routing, capacity_keep, combine
                                inverse, swiglu_backward, swiglu_forward)
 from mmtrain.parallel.tensor import all_gather_dim0
 
-__all__ = ["GroupBalance", "AllToAllDispatcher", "all_to_all", "shard_moe", "shard_experts"]
+__all__ = ["GroupBalance", "AllToAllDispatcher", "all_to_all", "shard_moe", "shard_experts",
+           "expert_pieces"]
 
 
 def _size(group) -> int:
@@ -416,12 +417,31 @@ def shard_moe(moe, ep_group, etp_group, overlap_groups: int):
             (lambda full: local_w2(full, es, fs), lambda loc: full_w2(loc, ep_group, etp_group)))
 
 
+def expert_pieces(shape13: tuple, shape2: tuple, es: slice, fs: slice):
+    """Where this rank's ``w13`` [El, 2·Fl, D] and ``w2`` [El, D, Fl] sit in the full [E, 2F, D]
+    and [E, D, F]: ``w13`` is two rectangles (the W1 rows, then the W3 rows, of the F slice),
+    ``w2`` one; ``(full shape, pieces)`` each (see :mod:`mmtrain.model.init`)."""
+    from mmtrain.model.init import Piece
+
+    E, F2, D = shape13
+    El, Fl, F = es.stop - es.start, fs.stop - fs.start, F2 // 2
+    w13 = [Piece((0, 0, 0), (es.start, fs.start, 0), (El, Fl, D)),
+           Piece((0, Fl, 0), (es.start, F + fs.start, 0), (El, Fl, D))]
+    w2 = [Piece((0, 0, 0), (es.start, 0, fs.start), (El, shape2[1], Fl))]
+    return (tuple(shape13), w13), (tuple(shape2), w2)
+
+
 def shard_experts(model, ep_group, etp_group, overlap_groups: int) -> dict:
-    """:func:`shard_moe` for every layer; ``{fqn: (local_fn, full_fn)}`` of the expert
-    parameters (checkpoints gather and slice through them)."""
-    layouts = {}
+    """:func:`shard_moe` for every layer (works on the meta device); ``{fqn: (full shape,
+    pieces)}`` of the expert parameters (initialisation and checkpoints use them)."""
+    out = {}
     for i, layer in enumerate(model.layers):
-        l13, l2 = shard_moe(layer.moe, ep_group, etp_group, overlap_groups)
-        layouts[f"layers.{i}.moe.experts.w13"] = l13
-        layouts[f"layers.{i}.moe.experts.w2"] = l2
-    return layouts
+        ex = layer.moe.experts
+        shape13, shape2 = tuple(ex.w13.shape), tuple(ex.w2.shape)
+        shard_moe(layer.moe, ep_group, etp_group, overlap_groups)
+        es, fs = expert_slices(shape13[0], shape13[1] // 2, _size(ep_group), _rank(ep_group),
+                               _size(etp_group), _rank(etp_group))
+        p13, p2 = expert_pieces(shape13, shape2, es, fs)
+        out[f"layers.{i}.moe.experts.w13"] = p13
+        out[f"layers.{i}.moe.experts.w2"] = p2
+    return out

@@ -53,7 +53,7 @@ def main():
     dev = torch.device("cuda")
     torch.manual_seed(cfg.train.seed)
     model, par = loop.build_parallel(cfg, topo, dev)
-    opt = par.build_optimizer(cfg.train)
+    opt = loop.build_optimizer(par, cfg.train)
     model.set_recompute(cfg.train.recompute)
     tokens = cfg.train.global_batch * cfg.data.seq_len
 

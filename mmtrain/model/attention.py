@@ -36,8 +36,16 @@ class LightningAttention(nn.Module):
         self.register_buffer("slopes", lightning_slopes(layer_idx, cfg.num_layers, cfg.num_heads)
                              .to(torch.float32), persistent=False)
         self.layer_idx = layer_idx
+        # the slopes of heads [head_start, head_start + num_heads) of total_heads (TP keeps a
+        # slice); recomputed by reset_buffers after a build on the meta device
+        self.head_start, self.total_heads, self.num_layers = 0, cfg.num_heads, cfg.num_layers
         self.core = LightningOp(cfg.lightning_block_size)
         self.recompute_core = False  # train.recompute=selective (mmtrain.model.recompute)
+
+    def reset_buffers(self):
+        s = lightning_slopes(self.layer_idx, self.num_layers, self.total_heads)
+        h0 = self.head_start
+        self.slopes = s[h0:h0 + self.num_heads].to(torch.float32).to(self.slopes.device)
 
     def forward(self, x_TD, cu_seqlens, position_ids=None):
         qkv, gate = self.qkv_proj(x_TD), self.gate_proj(x_TD)

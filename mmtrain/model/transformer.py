@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from mmtrain.config import ModelConfig
 from mmtrain.model.attention import LightningAttention, SoftmaxAttention
-from mmtrain.model.layers import RMSNorm, xavier_normal_
+from mmtrain.model.layers import RMSNorm
 from mmtrain.model.moe import Balance, MoE
 from mmtrain.model.recompute import MODES as RECOMPUTE_MODES
 from mmtrain.model.recompute import checkpoint_moe_layer
@@ -103,21 +103,12 @@ class MiniMaxModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------
     def reset_parameters(self, seed: int = 0):
-        """Xavier init with DeepNet's β on FFN (experts), value and output projections.
+        """Xavier init with DeepNet's β on FFN (experts), value and output projections
+        (:mod:`mmtrain.model.init`: counter-based, so every layout that initialises its shards
+        with the same seed gets these weights bitwise)."""
+        from mmtrain.model.init import init_weights
 
-        Runs on CPU with a seeded generator, so every layout that initialises the full model
-        gets the same weights."""
-        g = torch.Generator().manual_seed(seed)
-        beta = self.cfg.deepnorm_beta if self.cfg.norm_scheme == "deepnorm" else 1.0
-        with torch.no_grad():
-            self.embed.weight.normal_(0.0, self.cfg.embedding_init_std, generator=g)
-            for layer in self.layers:
-                layer.input_norm.reset_parameters()
-                layer.post_norm.reset_parameters()
-                layer.attn.reset_parameters(beta, g)
-                layer.moe.reset_parameters(beta, g)
-            self.final_norm.reset_parameters()
-            xavier_normal_(self.lm_head.weight, generator=g)
+        init_weights(self, self.cfg, seed)
 
     # ----------------------------------------------------------------------------------------
     def forward(self, tokens, cu_seqlens=None, position_ids=None,

@@ -3,7 +3,8 @@
 Layout of ``<run dir>/checkpoints/``::
 
     step_00000100/            complete checkpoints only (renamed into place at the very end)
-      .metadata, *.distcp     DCP: "model.<fqn>" and "optim.<fqn>.{exp_avg,exp_avg_sq,step}"
+      .metadata, *.distcp     DCP: "model.<fqn>" and "optim.<fqn>.{exp_avg,exp_avg_sq,step}",
+                              full logical shapes; ``__<rank>_*.distcp`` holds that rank's chunks
       rank_00000.json         per-rank state: data loader, RNG states
       meta.json               step, world size, config, and "files": the name and size of every
                               other file (written last, before the rename)
@@ -23,6 +24,13 @@ DCP's metadata file is read by an unpickler that admits only DCP's own metadata 
 dtypes/sizes and paths. Optimizer hyper-parameters are not stored (they follow from the config
 and the step); only its per-parameter tensors are, keyed by parameter name, so a checkpoint can be
 loaded under another layout.
+
+**Sharded tensors.** A multi-process run saves and loads through :class:`ShardedPieces`: each
+rank declares the rectangles (global offsets, sizes) of a logical tensor that it writes or wants
+to read, and DCP records them as chunks of the full shape. On save the ranks' rectangles partition
+every tensor (``mmtrain.train.distributed`` decides who writes what), so each rank writes only its
+share and nothing is gathered; on load each rank reads the rectangles it needs, from whatever
+chunks were written (by one process or any layout).
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
+                                                   TensorProperties)
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from mmtrain.train import faults
 
@@ -94,6 +105,46 @@ class SafeReader(FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+# --------------------------------------------------------------------------- sharded tensors
+class ShardedPieces(torch.Tensor):
+    """A logical tensor of ``size`` of which this rank holds ``chunks``: ``[(global offsets,
+    local tensor)]``, rectangles that may be views (loads copy into them in place). A storage-less
+    wrapper that only DCP's planner looks at (through its ``__create_write_items__``,
+    ``__create_chunk_list__`` and ``__get_tensor_shard__`` hooks); any other use raises."""
+
+    @staticmethod
+    def __new__(cls, size, dtype, chunks):
+        r = torch.Tensor._make_wrapper_subclass(cls, torch.Size(size), dtype=dtype, device="cpu")
+        r.chunks = [(torch.Size(o), t) for o, t in chunks]
+        return r
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError(f"ShardedPieces is a checkpoint descriptor; {func} is not defined")
+
+    def __create_write_items__(self, fqn: str, obj) -> list:
+        return [WriteItem(index=MetadataIndex(fqn, o), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(
+                              chunk=ChunkStorageMetadata(offsets=o, sizes=t.shape),
+                              properties=TensorProperties.create_from_tensor(t),
+                              size=self.shape))
+                for o, t in self.chunks]
+
+    def __create_chunk_list__(self) -> list:
+        return [ChunkStorageMetadata(offsets=o, sizes=t.shape) for o, t in self.chunks]
+
+    def __get_tensor_shard__(self, index) -> torch.Tensor:
+        for o, t in self.chunks:
+            if o == index.offset:
+                return t
+        raise ValueError(f"{index.fqn}: no chunk at {tuple(index.offset)}")
+
+    def nbytes_held(self) -> int:
+        return sum(t.numel() * t.element_size() for _, t in self.chunks)
 
 
 # ----------------------------------------------------------------------------- state dicts
@@ -162,7 +213,8 @@ def save(run_dir, step: int, model, optimizer, rank_state: dict[str, Any],
     """Write a complete checkpoint of ``step`` (collective: every rank calls it).
 
     ``tensors``: the DCP state to write instead of ``model``'s and ``optimizer``'s (a sharded
-    layout passes its full logical tensors under the same keys, see ``mmtrain.parallel.apply``)."""
+    layout passes its :class:`ShardedPieces` under the same keys, see
+    ``mmtrain.train.distributed``)."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -321,6 +373,19 @@ def dcp_load(state: dict, path, **kwargs) -> None:
                 if key.endswith(".step"):
                     request[k1] = t
                     continue
+                if isinstance(t, ShardedPieces):  # each chunk's W1 rows from w1, W3 rows from w3
+                    E, F2, D = t.shape
+                    F = F2 // 2
+                    c1, c3 = [], []
+                    for o, c in t.chunks:
+                        n1 = max(0, min(F - o[1], c.shape[1]))
+                        if n1:
+                            c1.append(((o[0], o[1], o[2]), c[:, :n1]))
+                        if c.shape[1] > n1:
+                            c3.append(((o[0], o[1] + n1 - F, o[2]), c[:, n1:]))
+                    request[k1] = ShardedPieces((E, F, D), t.dtype, c1)
+                    request[k3] = ShardedPieces((E, F, D), t.dtype, c3)
+                    continue
                 half = t.shape[1] // 2
                 request[k1] = torch.empty_like(t[:, :half])
                 request[k3] = torch.empty_like(t[:, half:])
@@ -341,8 +406,9 @@ def load(path, model, optimizer=None, tensors: dict | None = None) -> dict:
     """Load model (and optimizer) tensors in place; return this rank's JSON state (rank 0's if
     the checkpoint was written by fewer ranks).
 
-    ``tensors``: load into these (full-shape) tensors instead of ``model``'s and
-    ``optimizer``'s; a sharded layout then slices them (``mmtrain.parallel.apply``)."""
+    ``tensors``: load into these instead of ``model``'s and ``optimizer``'s (a sharded layout
+    passes :class:`ShardedPieces` whose chunks are views of its local tensors, see
+    ``mmtrain.train.distributed``)."""
     path = Path(path)
     if tensors is not None:
         state = tensors

@@ -10,8 +10,9 @@ summed across data-parallel (and context-parallel) ranks.
 
 Everything distributed goes through the :class:`mmtrain.parallel.apply.Parallel` handle that
 ``parallelize`` returns (TP/SP sharding, vocab-parallel loss, bucketed gradient reduction over
-DP/EDP, ZeRO-1, global-norm clipping, full-tensor checkpoints); in a single process it is plain
-PyTorch. TP ranks of one DP rank see the same data and compute the same loss; CP ranks of one DP
+DP/EDP, global-norm clipping) and :mod:`mmtrain.train.distributed` (the model built on meta and
+initialised shard by shard, ZeRO-1 or torch AdamW, sharded checkpoints); in a single process it
+is plain PyTorch. TP ranks of one DP rank see the same data and compute the same loss; CP ranks of one DP
 rank read the same rows and each keeps its contiguous piece of every row (``par.shard_batch``), so
 token counts and LM-loss sums are reduced over DP×CP.
 """
@@ -34,6 +35,8 @@ from mmtrain.parallel.apply import check_layout
 from mmtrain.parallel.context import layout_summary
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train import faults
+from mmtrain.train.distributed import (build_model, build_optimizer, build_parallel,  # noqa: F401
+                                       checkpoint_state, load_checkpoint)
 from mmtrain.train.elastic import store_for_attempt
 from mmtrain.train.health import StepHealth, TrainingAborted, finite_or_none
 from mmtrain.train.metrics import MetricsLogger, peak_flops
@@ -91,36 +94,6 @@ def launch_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def build_model(cfg: Config, device: torch.device):
-    from mmtrain.model import MiniMaxModel
-
-    model = MiniMaxModel(cfg.model)
-    model.reset_parameters(seed=cfg.train.seed)
-    if cfg.train.init_from and ckpt.latest(cfg.run.dir) is None:  # step 0 only: a resume wins
-        from mmtrain.hf import load_weights  # mmtrain checkpoint, run dir or HF directory
-
-        for note in load_weights(cfg.train.init_from, model):
-            if not dist.is_initialized() or dist.get_rank() == 0:
-                print(note, flush=True)
-    return model.to(device)
-
-
-def build_parallel(cfg: Config, topology, device: torch.device):
-    """The full model, initialised on CPU with the seed (identical in every layout), then
-    sharded for this rank; ``(model, Parallel)``."""
-    from mmtrain.parallel.apply import GROUPS_USED, parallelize
-
-    groups = None
-    if dist.is_initialized():
-        from mmtrain.parallel.groups import create_process_groups
-
-        groups = create_process_groups(
-            topology, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
-            names=GROUPS_USED)
-    model = build_model(cfg, torch.device("cpu"))
-    return model, parallelize(model, topology, groups, cfg.parallel, device)
-
-
 def _check_same_model(cfg: Config, path) -> None:
     """A run directory resumes only the model it holds; say so instead of a shape error."""
     saved = ckpt.read_meta(path).get("config", {}).get("model")
@@ -176,11 +149,11 @@ def train(cfg: Config) -> TrainResult:
     torch.manual_seed(tcfg.seed)
     model, par = build_parallel(cfg, topology, device)
     model.set_recompute(tcfg.recompute)
-    optimizer = par.build_optimizer(tcfg)
+    optimizer = build_optimizer(par, tcfg)
     start_step = 0
     if latest is not None:
         try:
-            state = par.load_checkpoint(latest, optimizer)
+            state = load_checkpoint(par, latest, optimizer)
         except pickle.UnpicklingError as exc:  # never unpickled: refused before any data is read
             raise ConfigError(f"run.dir: checkpoint {latest} was refused ({exc}); it is not a "
                               f"checkpoint mmtrain wrote: delete it, or restore the original")
@@ -314,7 +287,7 @@ def train(cfg: Config) -> TrainResult:
                     path = ckpt.save(run_dir, step + 1, model, optimizer,
                                      {"loader": loader.state_dict(), "rng": ckpt.encode_rng()},
                                      {"config": cfg.to_dict()}, tcfg.keep_last,
-                                     tensors=par.checkpoint_tensors(optimizer))
+                                     tensors=checkpoint_state(par, optimizer))
                 if stop and not done:
                     how = ("preempted" if preempted else "stopped on request")
                     logger.message(f"{how} at step {step + 1}: all ranks saved checkpoint {path}; "

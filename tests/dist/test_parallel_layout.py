@@ -121,3 +121,24 @@ def test_tp_blocks_match_single_process_math():
         for rank in range(2):
             for key, err in out[rank].items():
                 assert err < 1e-12, (rank, key, err)
+
+
+def test_parallel_package_imports_nothing_from_train():
+    """``mmtrain.parallel`` is the shard plan and the collectives; the loop, optimizer factory
+    and checkpoints live in ``mmtrain.train`` (``train/distributed.py``), never the reverse:
+    no import of ``mmtrain.train`` anywhere in ``parallel/``, function-level ones included."""
+    import ast
+    from pathlib import Path
+
+    import mmtrain.parallel as pkg
+
+    files = sorted(Path(pkg.__path__[0]).glob("*.py"))
+    assert any(f.name == "apply.py" for f in files)
+    found = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{f.name}: {n}" for n in names
+                      if n == "mmtrain.train" or n.startswith("mmtrain.train.")]
+    assert found == []
