@@ -35,13 +35,15 @@ one full copy of the model and optimizer state per rank during a save or load �
 small-GPU scale, to be replaced by DTensor-sharded saves for large models.
 
 Context parallelism (cp = C, :mod:`mmtrain.parallel.context`): every rank keeps all of its TP
-shard's weights (replicated over CP); :meth:`Parallel.shard_batch` gives the rank its contiguous
-piece of every row; the lightning cores become LASP+ (or LASP, ``parallel.cp_lightning``), the
+shard's weights (replicated over CP); :meth:`Parallel.shard_batch` gives the rank its pieces of
+every row (``parallel.cp_balance``: zigzag pieces r and 2C-1-r of 2C, or the contiguous r-th of
+C); the lightning cores become LASP+ (or LASP, ``parallel.cp_lightning``, contiguous only), the
 softmax cores Varlen Ring Attention (:mod:`mmtrain.parallel.ring`), the MoE routes the rank's
 tokens with local capacity judged over the TP×CP group (slots ranked by TP×CP rank, then local
-token: the global token order only for one-row micro-batches) and its aux loss over every rank
-(TP×DP×CP). Gradients then reduce over DP×CP (``dp_cp`` for TP-split weights, ``tp_dp_cp`` for
-replicated ones); experts over EDP, which spans DP×CP×TP when ep = etp = 1.
+token: the global token order only for one-row micro-batches under the contiguous partition)
+and its aux loss over every rank (TP×DP×CP). Gradients then reduce over DP×CP (``dp_cp`` for
+TP-split weights, ``tp_dp_cp`` for replicated ones); experts over EDP, which spans DP×CP×TP
+when ep = etp = 1.
 
 Unsupported layouts fail in :func:`check_layout` (before any process group exists) with a
 ConfigError naming the field: pp > 1 arrives in a later issue; TP needs sequence
@@ -80,6 +82,11 @@ _LATER = {
 def check_context(cfg: Config) -> None:
     """The sizes context parallelism needs (pure; also used by ``mmtrain info``)."""
     c = cfg.parallel.cp
+    if c > 1 and cfg.parallel.cp_balance == "zigzag" and cfg.data.seq_len % (2 * c):
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} tokens per row do not split into "
+                          f"2·cp = {2 * c} pieces (parallel.cp_balance=zigzag: CP rank r holds "
+                          f"pieces r and {2 * c - 1}-r of every row); make it a multiple of "
+                          f"{2 * c}, or set parallel.cp_balance=contiguous")
     if cfg.data.seq_len % c:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} tokens per row do not split over "
                           f"parallel.cp={c} (each CP rank holds a contiguous piece of every row); "
@@ -196,13 +203,14 @@ def _shard_tensor_parallel(model: nn.Module, tp: int, t: int, group) -> dict:
 
 
 # ----------------------------------------------------------------------------------- CP ops
-def _shard_context_parallel(model: nn.Module, cp: int, c: int, groups, lightning: str):
+def _shard_context_parallel(model: nn.Module, cp: int, c: int, groups, lightning: str,
+                            balance: str):
     """Swap the attention cores for their CP versions (the MoE's groups are set by the caller)."""
     from mmtrain.model.attention import LightningAttention, SoftmaxAttention
     from mmtrain.parallel.context import ContextLightningOp, ContextParallel
     from mmtrain.parallel.ring import ContextSoftmaxOp
 
-    cpx = ContextParallel(groups.cp, cp, c, lightning)
+    cpx = ContextParallel(groups.cp, cp, c, lightning, balance)
     for layer in model.layers:
         a = layer.attn
         if isinstance(a, LightningAttention):
@@ -239,7 +247,7 @@ class Parallel:
             self.vocab_start = self.tp_rank * (model.cfg.vocab_size // self.tp)
         if self.cp > 1:
             self.context = _shard_context_parallel(model, self.cp, self.cp_rank, groups,
-                                                   pcfg.cp_lightning)
+                                                   pcfg.cp_lightning, pcfg.cp_balance)
         if self.distributed:
             # aux loss over every rank's tokens; local capacity over the ranks that split one
             # micro-batch (TP, and CP under context parallelism)
@@ -271,8 +279,8 @@ class Parallel:
 
     # ------------------------------------------------------------------------------ data
     def shard_batch(self, batch, device):
-        """This rank's part of a micro-batch on ``device``: under CP the contiguous piece of
-        every row (with its CP plan), else the batch itself."""
+        """This rank's part of a micro-batch on ``device``: under CP its pieces of every row
+        (with its CP plan), else the batch itself."""
         if self.context is None:
             return batch.to(device)
         return self.context.shard_batch(batch, device)
