@@ -1,45 +1,58 @@
 """Context parallelism (SPEC §6): CP sharding of packed batches, LASP+ and LASP for the lightning
 layers. Varlen Ring Attention for the softmax layers is in :mod:`mmtrain.parallel.ring`.
 
-Legend: C CP size, r this rank's CP index, B rows of the micro-batch, T row length, Tl = T / C
-the tokens of one rank per row, H (local) heads, K/V head dims, N local document pieces.
+Legend: C CP size, r this rank's CP index, B rows of the micro-batch, T row length, V virtual
+pieces a row, Tl = T / V the tokens of one piece, m = V / C pieces a rank holds of each row, H
+(local) heads, K/V head dims, N local document segments.
+
+**Partition** (``parallel.cp_balance``). Every row is cut into V equal *virtual pieces* v =
+0..V-1 in sequence order. ``contiguous``: V = C, rank r holds piece r (``[r·Tl, (r+1)·Tl)``).
+``zigzag`` (the default): V = 2C, rank r holds pieces r and 2C-1-r, so causal attention costs
+every rank the same for a document spanning the row (see :mod:`mmtrain.parallel.ring`); T must
+divide by 2C. Both layer kinds see this one partition of the hidden states.
 
 **Sharding** (:meth:`ContextParallel.shard_batch`). Every CP rank of a DP replica reads the same
-micro-batch; rank r keeps the contiguous piece ``[r·Tl, (r+1)·Tl)`` of every row, so its local
-packed stream is ``B·Tl`` tokens (row b's piece at ``[b·Tl, (b+1)·Tl)``). The local
-``cu_seqlens`` are the global document boundaries clipped to the pieces (a piece edge is always a
-local boundary); ``position_ids`` are sliced, so a document that began on an earlier rank keeps
-its true positions; labels and the loss mask are sliced alike. The :class:`CPPlan` of the
-micro-batch (host-side, computed from the global batch every rank holds, so it needs no
-communication) rides on the local ``cu_seqlens`` tensor; the CP ops read it from there.
+micro-batch; rank r's local packed stream is its pieces in order (row 0's pieces, then row 1's
+…), each a local row of Tl tokens (the local batch is ``[B·m, Tl]``; local piece ``i = b·m + s``
+is slot s of row b). The local ``cu_seqlens`` are the global document boundaries clipped to the
+pieces (a piece edge is always a local boundary); ``position_ids`` are sliced, so a document
+that began in an earlier piece keeps its true positions; labels and the loss mask are sliced
+alike. The :class:`CPPlan` of the micro-batch (host-side, computed from the global batch every
+rank holds, so it needs no communication) rides on the local ``cu_seqlens`` tensor; the CP ops
+read it from there.
 
-For row b the plan records whether rank r's first local token continues a document that began
-on an earlier rank (``cont``), how many local rows precede the first local document start
-(``first``), where that document began (``doc_start``, row coordinate) and, for every rank j,
-whether rank j's piece contains a document start (``has_start[j][b]``).
+For each local piece the plan records its virtual piece (``virt``), whether its first token
+continues a document that began in an earlier piece (``cont``), how many of its rows precede
+its first document start (``first``), where that document began (``doc_start``, row
+coordinate) and, for every virtual piece v of every global row b, whether it contains a
+document start (``has_start[v][b]``).
 
-**LASP+** (:class:`_LaspPlus`, SPEC §6). Forward: (1) KV_r[b], the local state of the last
-piece of row b from a zero start (``Σ_j λ^(L-1-j) k_jᵀ v_j``, a GEMM over that piece's rows);
-(2) one all-gather of the fp32 states ``[C, B, H, K, V]`` (size independent of the sequence
-length); (3) ``KV_in(r)[b] = Σ_{s ≤ j < r} λ^((r-1-j)·Tl) KV_j[b]`` with s the nearest earlier
-rank whose piece of row b contains a document start (included; the chain resets there); (4) the
-local output with the correction ``diag(λ^(i+1)) Q KV_in`` on the rows before the first local
-document start only. Step 4 is *fused*: the local op runs once with ``KV_in`` as the initial
-state of the piece's first segment (zero elsewhere), which is exactly the zero-state output plus
-that correction (the op is linear in its initial state) — computed in the kernel's inter-block
-product instead of extra passes over q and o. The price is step 1 as a separate GEMM before the
-op (a separate pass over the last piece's k and v) and that the tiny all-gather no longer
-overlaps the local op. Backward, mirrored: ``dKV_in(r)[b] = Σ_{i<first} λ^(i+1) q_iᵀ dO_i`` (a
-GEMM over the corrected rows), one all-gather of those, the decayed suffix
-``dKV_r[b] = Σ_{r' > r, no start in ranks r+1..r'-1} λ^((r'-1-r)·Tl) dKV_in(r')[b]`` fed to the
-local backward as the gradient of its final state (it gives dk, dv of KV_r), while the initial
-state gives dq its ``λ^(i+1) KV_in dO_i`` term inside the kernel. Autograd never runs through a
-collective.
+**LASP+** (:class:`_LaspPlus`, SPEC §6, with ranks read as virtual pieces). Forward: (1) KV_i,
+the local state of the last segment of every local piece i from a zero start
+(``Σ_j λ^(L-1-j) k_jᵀ v_j``, a GEMM over that segment's rows); (2) one all-gather of the fp32
+states ``[C, B·m, H, K, V]`` (size independent of the sequence length); (3)
+:func:`combine_states`: for local piece u of row b, ``KV_in(u) = Σ_{s ≤ w < u} λ^((u-1-w)·Tl)
+KV_w`` over the virtual pieces w before u, with s the nearest earlier piece containing a
+document start (included; the chain resets there) — under zigzag the sum mixes sender rank,
+sender slot and receiver slot; (4) the local output with the correction ``diag(λ^(i+1)) Q
+KV_in`` on the rows before the piece's first document start only. Step 4 is *fused*: the local
+op runs once with ``KV_in`` as the initial state of the piece's first segment (zero elsewhere),
+which is exactly the zero-state output plus that correction (the op is linear in its initial
+state) — computed in the kernel's inter-block product instead of extra passes over q and o. The
+price is step 1 as a separate GEMM before the op (a separate pass over the last segments' k and
+v) and that the tiny all-gather no longer overlaps the local op. Backward, mirrored:
+``dKV_in(u) = Σ_{i<first} λ^(i+1) q_iᵀ dO_i`` (a GEMM over the corrected rows), one all-gather
+of those, the transposed combination ``dKV_w = Σ_{u > w, w in the chain of u}
+λ^((u-1-w)·Tl) dKV_in(u)`` fed to the local backward as the gradient of each piece's final
+state (it gives dk, dv of KV_w), while the initial state gives dq its ``λ^(i+1) KV_in dO_i``
+term inside the kernel. Autograd never runs through a collective.
 
 **LASP** (:class:`_Lasp`, the baseline): rank r receives the true state at the end of rank r-1's
 pieces, runs the local op with it as the initial state of its first piece of every row that
 continues a document, and sends its own final states on; the backward sends the gradient of the
-initial state back the same way. Serial in C both ways.
+initial state back the same way. Serial in C both ways. Contiguous partition only (under zigzag
+the chain would visit every rank twice, 0 → C-1 then C-1 → 0; the config rejects
+``cp_lightning=lasp`` with ``cp_balance=zigzag``, naming ``parallel.cp_balance``).
 """
 
 from __future__ import annotations

@@ -1,36 +1,49 @@
 """Varlen Ring Attention (SPEC §6) for the softmax layers under context parallelism.
 
-Legend: C CP size, r this rank's CP index, B rows, Tl tokens per rank per row, T = B·Tl local
-tokens, H query heads, G KV heads, K head dim.
+Legend: C CP size, r this rank's CP index, Tl tokens per piece, H query heads, G KV heads, K
+head dim; pieces and virtual pieces as in :mod:`mmtrain.parallel.context` (V = C virtual pieces
+a row under the contiguous partition, 2C under zigzag; rank r holds r, and 2C-1-r under zigzag;
+every local piece is a local row of the plan, no per-document padding).
 
-The packed stream is split contiguously (see :mod:`mmtrain.parallel.context`; no per-document
-padding). At hop h rank r holds the K/V of chunk j = r - h:
+K/V of both pieces of a rank travel together: at hop h rank r holds the K/V of CP rank
+``(r - h) mod C`` (hop 0: its own):
 
-* h = 0 (diagonal): varlen-causal attention over the local documents (local ``cu_seqlens``);
-* h ≥ 1, j ≥ 0: only the document containing r's first token of a row, when it began on an
-  earlier rank before the end of chunk j: its rows on r (before the first local document start)
-  attend, non-causally, its rows on chunk j (from ``max(doc_start - j·Tl, 0)`` to the piece end).
-  Every other (row, chunk) pair is skipped.
+* diagonal (hop 0): varlen-causal attention of every local piece within itself (local
+  ``cu_seqlens``, which always break at piece edges);
+* off-diagonal: for a local piece u whose first token continues a document that began in an
+  earlier piece, its rows before the first local document start attend, non-causally, the rows
+  of that document in every earlier virtual piece w < u (from ``max(doc_start - w·Tl, 0)`` to
+  the piece end), at the hop where w's owner's K/V are here. Under zigzag this includes hop 0
+  (piece 2C-1-r attends piece r on the same rank) and wraps round the ring (rank 0's last piece
+  needs every rank); if both pieces of the visiting rank are needed they are adjacent in its
+  stream and form one key range. Each hop runs one non-causal call per receiving slot (a call's
+  query and key ranges must be disjoint). Every other (piece, piece) pair is skipped.
 
-The number of hops is the largest distance any continuing document spans (from the plan, the
-same on every rank); a batch whose documents never cross a rank edge runs no hop at all. Partial
-results merge by log-sum-exp (fp32). The K/V of hop h+1 are in flight (``batch_isend_irecv``)
-while hop h computes; a rank sends only chunks its successor will use.
+The number of hops is the largest ring distance any continuing document needs (from the plan,
+the same on every rank); a batch whose documents never cross a rank's pieces runs no hop.
+Partial results merge by log-sum-exp (fp32). The K/V of hop h+1 are in flight
+(``batch_isend_irecv``) while hop h computes. Contiguous: the ring does not wrap (chunk r - h <
+0 is nothing) and a rank sends only chunks its successor will use; zigzag: every rank sends and
+receives at every hop.
 
-Backward: the diagonal gradients stay local; K/V go round again (prefetched one hop ahead, like
-the forward) and a dK/dV accumulator follows its chunk (every rank adds the contribution of its
-rows); an accumulator that is complete (after the last hop, or on the last rank) is sent straight
-back to the chunk's owner. Each step's local
-backward uses the final merged (o, lse), so the partial gradients sum exactly.
+Backward: the diagonal (and zigzag hop-0) gradients stay local; K/V go round again (prefetched
+one hop ahead, like the forward) and a dK/dV accumulator follows its chunk (every rank adds the
+contribution of its rows); contiguous: an accumulator that is complete (after the last hop, or
+on the last rank) is sent straight back to the chunk's owner; zigzag: each hop's accumulator
+goes to r+1 in one batch with the next one arriving from r-1, and after the last hop home to
+rank r-n while this rank's comes back from r+n. Each step's local backward uses the final
+merged (o, lse), so the partial gradients sum exactly.
 
-Load balance: causal contiguous chunks are imbalanced. For one document spanning all C ranks,
-rank r attends ``Tl(Tl+1)/2 + r·Tl²`` (query, key) pairs, so the last rank does about 2C-1 times
-the first rank's work (3× at C=2); documents that never cross an edge cost the same on every
-rank. :func:`causal_work` counts the pairs per rank of a batch (``scripts/bench_context.py``
-reports it next to each rank's measured time). Balancing (e.g. a zig-zag chunk order) would
-break the contiguity LASP+ relies on (both layer kinds must see the same partition of the
-hidden states), so mmtrain keeps contiguous chunks and reports the imbalance; for packed
-batches of documents much shorter than ``Tl`` the imbalance is small.
+Load balance (``parallel.cp_balance``). Causal attention over contiguous chunks is imbalanced:
+for one document spanning all C ranks, rank r attends ``Tl(Tl+1)/2 + r·Tl²`` (query, key) pairs,
+so the last rank does about 2C-1 times the first rank's work (3× at C=2). The zigzag partition
+(the default) gives rank r pieces r and 2C-1-r of p = T/2C tokens: for that document every rank
+attends ``p(p+1) + (2C-1)·p²`` pairs, exactly the same. LASP+ runs over the same partition
+(its chain is over virtual pieces, :func:`mmtrain.parallel.context.combine_states`), so both
+layer kinds see one partition of the hidden states. :func:`causal_work` counts the pairs per
+rank of a batch (``scripts/bench_context.py --balance`` reports it next to each rank's measured
+time). Packed documents much shorter than a piece cost about the same on every rank under
+either partition.
 """
 
 from __future__ import annotations
