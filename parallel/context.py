@@ -292,8 +292,9 @@ def _chain_coef(plan: CPPlan, slopes, dtype, device, transpose: bool):
     incoming state of this rank's slot-t piece of row b; backward ``coef[j, t, b, s]`` weighs
     rank j's slot-t ``dKV_in`` of row b in the gradient of this rank's slot-s state of row b.
     The weight is ``λ^((u-1-w)·Tl)`` (u receiving, w sending virtual piece) where the chain of u
-    includes w (:meth:`CPPlan.chain_mask`), else 0."""
-    key = ("coef", transpose, str(device), dtype)
+    includes w (:meth:`CPPlan.chain_mask`), else 0. The plan caches the exponents and the mask
+    only: every layer has its own slopes."""
+    key = ("chain", transpose, str(device), dtype)
     if key not in plan._cache:
         mask = plan.chain_mask()  # [u, w, b]
         C, m, r = plan.cp, plan.per_row, plan.rank
@@ -309,11 +310,10 @@ def _chain_coef(plan: CPPlan, slopes, dtype, device, transpose: bool):
                         sel[j, s_j, :, s_r] = mask[u, w]
                         expo[j, s_j, :, s_r] = (u - 1 - w) * plan.Tl
         expo = np.where(sel, expo, 0.0)
-        s = slopes.to(device=device, dtype=dtype)
-        coef = torch.exp(-s * torch.tensor(expo, dtype=dtype, device=device)[..., None])
-        coef = coef * torch.tensor(sel, device=device, dtype=dtype)[..., None]
-        plan._cache[key] = coef
-    return plan._cache[key]
+        plan._cache[key] = (torch.tensor(expo, dtype=dtype, device=device)[..., None],
+                            torch.tensor(sel, device=device, dtype=dtype)[..., None])
+    expo, sel = plan._cache[key]
+    return torch.exp(-slopes.to(device=device, dtype=dtype) * expo) * sel
 
 
 def combine_states(plan: CPPlan, states_all: torch.Tensor, slopes, transpose: bool):
