@@ -81,12 +81,15 @@ _LATER = {
 
 def check_context(cfg: Config) -> None:
     """The sizes context parallelism needs (pure; also used by ``mmtrain info``)."""
-    c = cfg.parallel.cp
-    if c > 1 and cfg.parallel.cp_balance == "zigzag" and cfg.data.seq_len % (2 * c):
+    c, k = cfg.parallel.cp, cfg.parallel.cp_zigzag_rounds
+    if c > 1 and cfg.parallel.cp_balance == "zigzag" and cfg.data.seq_len % (2 * c * k):
+        rounds = f" × parallel.cp_zigzag_rounds={k}" if k > 1 else ""
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} tokens per row do not split into "
-                          f"2·cp = {2 * c} pieces (parallel.cp_balance=zigzag: CP rank r holds "
-                          f"pieces r and {2 * c - 1}-r of every row); make it a multiple of "
-                          f"{2 * c}, or set parallel.cp_balance=contiguous")
+                          f"2·cp{rounds} = {2 * c * k} pieces (parallel.cp_balance=zigzag: CP "
+                          f"rank r holds pieces r and {2 * c - 1}-r of every {2 * c}); make it a "
+                          f"multiple of {2 * c * k}"
+                          + (", or lower parallel.cp_zigzag_rounds" if k > 1 else "")
+                          + ", or set parallel.cp_balance=contiguous")
     if cfg.data.seq_len % c:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} tokens per row do not split over "
                           f"parallel.cp={c} (each CP rank holds a contiguous piece of every row); "
@@ -204,13 +207,13 @@ def _shard_tensor_parallel(model: nn.Module, tp: int, t: int, group) -> dict:
 
 # ----------------------------------------------------------------------------------- CP ops
 def _shard_context_parallel(model: nn.Module, cp: int, c: int, groups, lightning: str,
-                            balance: str):
+                            balance: str, rounds: int):
     """Swap the attention cores for their CP versions (the MoE's groups are set by the caller)."""
     from mmtrain.model.attention import LightningAttention, SoftmaxAttention
     from mmtrain.parallel.context import ContextLightningOp, ContextParallel
     from mmtrain.parallel.ring import ContextSoftmaxOp
 
-    cpx = ContextParallel(groups.cp, cp, c, lightning, balance)
+    cpx = ContextParallel(groups.cp, cp, c, lightning, balance, rounds)
     for layer in model.layers:
         a = layer.attn
         if isinstance(a, LightningAttention):
@@ -247,7 +250,8 @@ class Parallel:
             self.vocab_start = self.tp_rank * (model.cfg.vocab_size // self.tp)
         if self.cp > 1:
             self.context = _shard_context_parallel(model, self.cp, self.cp_rank, groups,
-                                                   pcfg.cp_lightning, pcfg.cp_balance)
+                                                   pcfg.cp_lightning, pcfg.cp_balance,
+                                                   pcfg.cp_zigzag_rounds)
         if self.distributed:
             # aux loss over every rank's tokens; local capacity over the ranks that split one
             # micro-batch (TP, and CP under context parallelism)

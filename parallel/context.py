@@ -9,7 +9,10 @@ pieces a row, Tl = T / V the tokens of one piece, m = V / C pieces a rank holds 
 0..V-1 in sequence order. ``contiguous``: V = C, rank r holds piece r (``[r·Tl, (r+1)·Tl)``).
 ``zigzag`` (the default): V = 2C, rank r holds pieces r and 2C-1-r, so causal attention costs
 every rank the same for a document spanning the row (see :mod:`mmtrain.parallel.ring`); T must
-divide by 2C. Both layer kinds see this one partition of the hidden states.
+divide by 2C. With ``parallel.cp_zigzag_rounds`` = R > 1 the row is R consecutive stretches of 2C
+pieces (V = 2CR), each split zigzag (rank r: pieces 2C·i + r and 2C·i + 2C-1-r): packed
+documents shorter than the row then spread over the ranks too (T must divide by 2CR). Both layer
+kinds see this one partition of the hidden states.
 
 **Sharding** (:meth:`ContextParallel.shard_batch`). Every CP rank of a DP replica reads the same
 micro-batch; rank r's local packed stream is its pieces in order (row 0's pieces, then row 1's
@@ -81,9 +84,11 @@ def layout_summary(pcfg, seq_len: int, dp=None) -> str:
     if pcfg.cp > 1:
         name = {"laspplus": "LASP+", "lasp": "LASP"}.get(pcfg.cp_lightning, pcfg.cp_lightning)
         c = pcfg.cp
+        k = getattr(pcfg, "cp_zigzag_rounds", 1)
         if getattr(pcfg, "cp_balance", "contiguous") == "zigzag":
-            how = (f"zigzag partition: every {seq_len}-token row in {2 * c} pieces of "
-                   f"{seq_len // (2 * c)}, rank r holds pieces r and {2 * c - 1}-r")
+            how = (f"zigzag partition: every {seq_len}-token row in {2 * c * k} pieces of "
+                   f"{seq_len // (2 * c * k)}, rank r holds pieces r and {2 * c - 1}-r"
+                   + (f" of each of {k} rounds" if k > 1 else ""))
         else:
             how = (f"contiguous partition: each of {c} ranks holds {seq_len // c} contiguous "
                    f"tokens of every {seq_len}-token row")
@@ -92,13 +97,19 @@ def layout_summary(pcfg, seq_len: int, dp=None) -> str:
 
 
 # ----------------------------------------------------------------------------------- the plan
-def owned_pieces(cp: int, rank: int, balance: str) -> list:
+def owned_pieces(cp: int, rank: int, balance: str, rounds: int = 1) -> list:
     """The virtual pieces (in sequence order) rank ``rank`` holds of every row: ``[r]``
-    (contiguous, C pieces a row) or ``[r, 2C-1-r]`` (zigzag, 2C pieces a row)."""
+    (contiguous, C pieces a row) or, zigzag with R rounds (2CR pieces a row), ``2C·i + r`` and
+    ``2C·i + 2C-1-r`` for i < R (R = 1: pieces r and 2C-1-r)."""
     if balance == "contiguous":
+        if rounds != 1:
+            raise ValueError(f"the contiguous partition has one round, got rounds={rounds}")
         return [rank]
     if balance == "zigzag":
-        return [rank, 2 * cp - 1 - rank]
+        if rounds < 1:
+            raise ValueError(f"zigzag rounds must be >= 1, got {rounds}")
+        return [v for i in range(rounds) for v in (2 * cp * i + rank, 2 * cp * i + 2 * cp - 1
+                                                   - rank)]
     raise ValueError(f"cp_balance must be one of {CP_BALANCES}, got {balance!r}")
 
 
@@ -107,7 +118,7 @@ class CPPlan:
     """What the CP ops of rank ``rank`` need to know about one micro-batch (host-side).
 
     Every list indexed by local piece ``i`` (``rows`` of them: ``i = b·m + s`` for global row b
-    and slot s, m = 1 contiguous, 2 zigzag) describes one local piece, itself a local row of
+    and slot s, m = 1 contiguous, 2·rounds zigzag) describes one local piece, itself a local row of
     ``Tl`` tokens; ``virt[i]`` is its virtual piece (its place in the row)."""
 
     cp: int
@@ -124,6 +135,7 @@ class CPPlan:
     ring_hops: int  # hops of K/V around the ring the batch needs (same on every rank)
     balance: str = "contiguous"  # contiguous | zigzag
     virt: list = field(default_factory=list)  # [rows] virtual piece of each local piece
+    rounds: int = 1  # zigzag rounds (2C·rounds pieces a row)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -133,17 +145,20 @@ class CPPlan:
     @property
     def per_row(self) -> int:
         """m: local pieces of each global row."""
-        return 1 if self.balance == "contiguous" else 2
+        return 1 if self.balance == "contiguous" else 2 * self.rounds
 
     @property
     def nvirt(self) -> int:
-        """V: virtual pieces of a row (C contiguous, 2C zigzag)."""
+        """V: virtual pieces of a row (C contiguous, 2C·rounds zigzag)."""
         return self.cp * self.per_row
 
     def owner(self, v: int):
         """(CP rank, slot) holding virtual piece ``v``."""
         C = self.cp
-        return (v, 0) if v < C else (2 * C - 1 - v, 1)
+        if self.balance == "contiguous":
+            return v, 0
+        i, q = divmod(v, 2 * C)
+        return (q, 2 * i) if q < C else (2 * C - 1 - q, 2 * i + 1)
 
     def chain_mask(self) -> np.ndarray:
         """[V (receiver piece u), V (sender piece w), B] bool: the state of virtual piece w is in
@@ -171,15 +186,16 @@ def _piece_info(starts: np.ndarray, b: int, T: int, Tl: int, v: int):
 
 
 def make_plan(cu_seqlens, rows: int, T: int, cp: int, rank: int,
-              balance: str = "zigzag") -> CPPlan:
+              balance: str = "zigzag", rounds: int = 1) -> CPPlan:
     """The :class:`CPPlan` of rank ``rank`` for a global micro-batch of ``rows`` rows of ``T``
     tokens whose document boundaries (over the flattened batch) are ``cu_seqlens``, under the
-    partition ``balance`` (zigzag: 2C pieces a row, rank r holds r and 2C-1-r; contiguous: C)."""
-    own = owned_pieces(cp, rank, balance)
+    partition ``balance`` (zigzag: 2C pieces a row, rank r holds r and 2C-1-r, repeated over
+    ``rounds`` consecutive stretches of 2C pieces; contiguous: C)."""
+    own = owned_pieces(cp, rank, balance, rounds)
     V = cp * len(own)
     if T % V:
         raise ValueError(f"row length {T} does not split into {V} pieces (cp={cp}, "
-                         f"cp_balance={balance})")
+                         f"cp_balance={balance}, rounds={rounds})")
     Tl = T // V
     cu = np.asarray(cu_seqlens, dtype=np.int64)
     starts = np.unique(cu[:-1])
@@ -188,7 +204,7 @@ def make_plan(cu_seqlens, rows: int, T: int, cp: int, rank: int,
     if any((b * T) not in set(starts.tolist()) for b in range(rows)):
         raise ValueError("every row must start a document (row edges are sequence boundaries)")
     plan = CPPlan(cp, rank, rows * len(own), Tl, [], [], [], [], [[False] * rows for _ in
-                  range(V)], [], [], 0, balance, [])
+                  range(V)], [], [], 0, balance, [], rounds)
     info = [[_piece_info(starts, b, T, Tl, v) for b in range(rows)] for v in range(V)]
     hops = 0
     for u in range(V):
@@ -215,14 +231,15 @@ def make_plan(cu_seqlens, rows: int, T: int, cp: int, rank: int,
     return plan
 
 
-def shard_batch(batch: Batch, cp: int, rank: int, balance: str = "zigzag") -> Batch:
+def shard_batch(batch: Batch, cp: int, rank: int, balance: str = "zigzag",
+                rounds: int = 1) -> Batch:
     """Rank ``rank``'s pieces of every row of ``batch`` (host tensors): one local row per piece
     (``[B·m, Tl]``, pieces in row order), with its :class:`CPPlan` attached to the local
     ``cu_seqlens`` (attribute ``cp_plan``)."""
     B, T = batch.tokens.shape
-    plan = make_plan(batch.cu_seqlens.tolist(), B, T, cp, rank, balance)
+    plan = make_plan(batch.cu_seqlens.tolist(), B, T, cp, rank, balance, rounds)
     Tl = plan.Tl
-    own = owned_pieces(cp, rank, balance)
+    own = owned_pieces(cp, rank, balance, rounds)
 
     def take(x):
         return torch.stack([x[:, v * Tl:(v + 1) * Tl] for v in own], 1).reshape(-1, Tl)
@@ -248,19 +265,20 @@ class ContextParallel:
     """This rank's CP group: sharding, and the collectives the CP ops use."""
 
     def __init__(self, group, cp: int, rank: int, lightning: str = "laspplus",
-                 balance: str = "zigzag"):
+                 balance: str = "zigzag", rounds: int = 1):
         if lightning not in LIGHTNING_MODES:
             raise ValueError(f"lightning must be one of {LIGHTNING_MODES}, got {lightning!r}")
         if balance not in CP_BALANCES:
             raise ValueError(f"cp_balance must be one of {CP_BALANCES}, got {balance!r}")
         self.group, self.cp, self.rank, self.lightning = group, cp, rank, lightning
-        self.balance = balance
+        self.balance, self.rounds = balance, rounds
+        owned_pieces(cp, rank, balance, rounds)  # validates rounds
         self.ranks = ([dist.get_global_rank(group, i) for i in range(cp)]
                       if group is not None and cp > 1 else [0])
 
     def shard_batch(self, batch: Batch, device) -> Batch:
         """The local pieces on ``device``; the plan stays attached to the device cu_seqlens."""
-        local = shard_batch(batch, self.cp, self.rank, self.balance)
+        local = shard_batch(batch, self.cp, self.rank, self.balance, self.rounds)
         plan = local.cu_seqlens.cp_plan
         out = local.to(device)
         out.cu_seqlens.cp_plan = plan
@@ -299,11 +317,11 @@ def _chain_coef(plan: CPPlan, slopes, dtype, device, transpose: bool):
         mask = plan.chain_mask()  # [u, w, b]
         C, m, r = plan.cp, plan.per_row, plan.rank
         B = plan.rows // m
-        own = owned_pieces(C, r, plan.balance)
+        own = owned_pieces(C, r, plan.balance, plan.rounds)
         sel = np.zeros((C, m, B, m), dtype=bool)
         expo = np.zeros((C, m, B, m), dtype=np.float64)
         for j in range(C):
-            for s_j, vj in enumerate(owned_pieces(C, j, plan.balance)):
+            for s_j, vj in enumerate(owned_pieces(C, j, plan.balance, plan.rounds)):
                 for s_r, vr in enumerate(own):
                     u, w = (vj, vr) if transpose else (vr, vj)
                     if w < u:

@@ -15,8 +15,8 @@ K/V of both pieces of a rank travel together: at hop h rank r holds the K/V of C
   of that document in every earlier virtual piece w < u (from ``max(doc_start - w·Tl, 0)`` to
   the piece end), at the hop where w's owner's K/V are here. Under zigzag this includes hop 0
   (piece 2C-1-r attends piece r on the same rank) and wraps round the ring (rank 0's last piece
-  needs every rank); if both pieces of the visiting rank are needed they are adjacent in its
-  stream and form one key range. Each hop runs one non-causal call per receiving slot (a call's
+  needs every rank); the pieces a query piece needs of the visiting rank are consecutive in its
+  stream, the first possibly partial and the rest whole, so they form one key range. Each hop runs one non-causal call per receiving slot (a call's
   query and key ranges must be disjoint). Every other (piece, piece) pair is skipped.
 
 The number of hops is the largest ring distance any continuing document needs (from the plan,
@@ -38,7 +38,10 @@ Load balance (``parallel.cp_balance``). Causal attention over contiguous chunks 
 for one document spanning all C ranks, rank r attends ``Tl(Tl+1)/2 + r·Tl²`` (query, key) pairs,
 so the last rank does about 2C-1 times the first rank's work (3× at C=2). The zigzag partition
 (the default) gives rank r pieces r and 2C-1-r of p = T/2C tokens: for that document every rank
-attends ``p(p+1) + (2C-1)·p²`` pairs, exactly the same. LASP+ runs over the same partition
+attends ``p(p+1) + (2C-1)·p²`` pairs, exactly the same. Packed documents that do not span the
+row are balanced only by finer pieces: ``parallel.cp_zigzag_rounds`` = R repeats the zigzag over
+R stretches of 2C pieces (on the issue's benchmark batch at C=2, max/mean rank work 1.50
+contiguous, 1.45 at R=1, 1.01 at R=2). LASP+ runs over the same partition
 (its chain is over virtual pieces, :func:`mmtrain.parallel.context.combine_states`), so both
 layer kinds see one partition of the hidden states. :func:`causal_work` counts the pairs per
 rank of a batch (``scripts/bench_context.py --balance`` reports it next to each rank's measured

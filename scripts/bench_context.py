@@ -6,9 +6,10 @@ LASP, Varlen Ring Attention. Checks correctness on the device before timing anyt
     torchrun --nproc-per-node 2 scripts/bench_context.py --cpu-smoke --out /tmp/smoke.json  # CPU, gloo
     torchrun --nproc-per-node 2 scripts/bench_context.py --balance contiguous --skip softmax_op
 
-``--balance`` (default ``zigzag,contiguous``): the CP partitions to measure (``parallel.cp_balance``:
-zigzag, rank r holds pieces r and 2C-1-r of 2C; contiguous, the r-th of C). Every CP section runs
-once per partition; LASP runs under contiguous only.
+``--balance`` (default ``zigzag,zigzag2,contiguous``): the CP partitions to measure
+(``parallel.cp_balance``: zigzag, rank r holds pieces r and 2C-1-r of 2C; zigzagR, that over R
+rounds, ``parallel.cp_zigzag_rounds=R``; contiguous, the r-th of C). Every CP section runs once
+per partition; LASP runs under contiguous only.
 
 Sections (bf16, d = 128; fwd+bwd = one forward and one backward; median of --iters timed
 iterations after --warmup; every rank times the same thing and the slowest rank is reported):
@@ -141,6 +142,15 @@ def rand(shape, seed, scale=1.0, dtype=torch.bfloat16):
     return (torch.randn(shape, generator=g, device=DEV) * scale).to(dtype)
 
 
+def partition(name):
+    """(cp_balance, rounds) of a --balance item: contiguous, zigzag, zigzagR."""
+    if name == "contiguous":
+        return "contiguous", 1
+    if name.startswith("zigzag") and (name[6:] == "" or name[6:].isdigit()) and name[6:] != "0":
+        return "zigzag", int(name[6:] or 1)
+    raise ValueError(name)
+
+
 def local_piece(cu, rows, T, balance):
     """This rank's CP plan (on the device cu_seqlens) and its token indices, for ``rows`` rows
     of T tokens (boundaries ``cu`` over the flattened rows) split over WORLD ranks under the
@@ -148,17 +158,19 @@ def local_piece(cu, rows, T, balance):
     tok = torch.zeros(rows, T, dtype=torch.int64)
     cu_t = torch.tensor(cu, dtype=torch.int32)
     pos = position_ids_from_cu_seqlens(cu_t, rows * T).view(rows, T)
-    local = shard_batch(Batch(tok, tok, tok.float(), cu_t, pos), WORLD, RANK, balance)
+    local = shard_batch(Batch(tok, tok, tok.float(), cu_t, pos), WORLD, RANK, *partition(balance))
     Tl = local.cu_seqlens.cp_plan.Tl
     cu_l = local.cu_seqlens.to(DEV)
     cu_l.cp_plan = local.cu_seqlens.cp_plan
     idx = torch.cat([torch.arange(b * T + v * Tl, b * T + (v + 1) * Tl) for b in range(rows)
-                     for v in owned_pieces(WORLD, RANK, balance)])
+                     for v in owned_pieces(WORLD, RANK, *partition(balance))])
     return cu_l, idx.to(DEV)
 
 
 def cpx_for(balance):
-    return ContextParallel(dist.group.WORLD if WORLD > 1 else None, WORLD, RANK, balance=balance)
+    b, k = partition(balance)
+    return ContextParallel(dist.group.WORLD if WORLD > 1 else None, WORLD, RANK, balance=b,
+                           rounds=k)
 
 
 def modes_for(balance):
@@ -368,7 +380,8 @@ def bench_ring(sizes, a, balances):
             row["cp_ms_per_rank"] = per_rank
             row["cp_ms"] = max(per_rank)
             row["ideal_fraction"] = row["cp1_ms"] / (WORLD * row["cp_ms"])
-            row["pairs_per_rank"] = causal_work(lambda r: make_plan(cu, 1, T, WORLD, r, balance))
+            row["pairs_per_rank"] = causal_work(lambda r: make_plan(cu, 1, T, WORLD, r,
+                                                                    *partition(balance)))
             row["ring_hops"] = cu_l.cp_plan.ring_hops
         log("ring " + ", ".join(f"{k}={v}" for k, v in row.items()))
         out.append(row)
@@ -429,13 +442,16 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--skip", default="", help="comma list of sections to skip: softmax_op, "
                     "lightning, ring")
-    ap.add_argument("--balance", default="zigzag,contiguous",
+    ap.add_argument("--balance", default="zigzag,zigzag2,contiguous",
                     help="comma list of CP partitions to measure (parallel.cp_balance): zigzag, "
-                    "contiguous")
+                    "zigzagR (R rounds), contiguous")
     a = ap.parse_args()
     balances = [b for b in a.balance.split(",") if b]
-    if not balances or any(b not in CP_BALANCES for b in balances):
-        raise SystemExit(f"--balance: {a.balance!r}; give a comma list of {', '.join(CP_BALANCES)}")
+    try:
+        assert balances and all(partition(b)[0] in CP_BALANCES for b in balances)
+    except (AssertionError, ValueError):
+        raise SystemExit(f"--balance: {a.balance!r}; give a comma list of zigzag, zigzagR "
+                         f"(R rounds, e.g. zigzag2) and contiguous") from None
     RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if a.cpu_smoke:
         DEV = torch.device("cpu")
@@ -457,7 +473,7 @@ def main():
            "world": WORLD, "torch": torch.__version__, "python": platform.python_version(),
            "backend": backend, "warmup": a.warmup, "iters": a.iters, "balances": balances}
     res["lightning_columns"] = ([(f"{m}_{b}", ("LASP+" if m == "laspplus" else "LASP")
-                                  + f" {b[:3]}") for b in balances for m in modes_for(b)]
+                                  + f" {b[:3]}{b[6:]}") for b in balances for m in modes_for(b)]
                                 if WORLD > 1 else [])
     try:
         import triton

@@ -7,8 +7,8 @@ over cp=2 (contiguous: 16 per rank; zigzag: pieces of 8) and cp=4 (contiguous: 8
 zigzag: pieces of 4), documents cross piece edges, a 2-token document straddles the middle edge
 16 (a length-1 piece on each side), a document starts exactly on a piece edge (24), a row is one
 document (the state and K/V chain through every piece), and a row starts with a length-1 piece.
-Zigzag runs cp=2, cp=4, cp=2 × tp=2 and cp=2 × dp=2 (LASP+); the contiguous partition runs cp=4
-with LASP (its only partition). The 8 rows are all seen in the 4 steps (2 epochs). Model: a lightning and a
+Zigzag runs cp=2, cp=4, cp=2 × tp=2 and cp=2 × dp=2 (LASP+; the last with two zigzag rounds:
+8 pieces of 4); the contiguous partition runs cp=4 with LASP (its only partition). The 8 rows are all seen in the 4 steps (2 epochs). Model: a lightning and a
 softmax layer, 4 heads over 2 KV heads (TP=2 splits the KV heads), dropless MoE. No gradient
 accumulation (``train.micro_batch=null``: 4 rows per micro-batch, 2 per DP rank at dp=2; the
 global-batch aux loss is exact only without accumulation), so every CP rank's piece list holds
@@ -146,9 +146,9 @@ def test_cp2_matches_single_process(reference, cp2_run):
 @pytest.mark.parametrize("nproc,args", [
     (4, ["parallel.cp=4"]),
     (4, ["parallel.cp=2", "parallel.tp=2"]),
-    (4, ["parallel.cp=2", "parallel.dp=2", "parallel.zero1=true"]),
+    (4, ["parallel.cp=2", "parallel.dp=2", "parallel.zero1=true", "parallel.cp_zigzag_rounds=2"]),
     (4, ["parallel.cp=4", "parallel.cp_lightning=lasp", "parallel.cp_balance=contiguous"]),
-], ids=["cp4", "cp2_tp2", "cp2_dp2_zero1", "cp4_contiguous_lasp"])
+], ids=["cp4", "cp2_tp2", "cp2_dp2_zero1_rounds2", "cp4_contiguous_lasp"])
 def test_cp_layout_matches_single_process(reference, tmp_path, nproc, args):
     run = tmp_path / "run"
     out = _torchrun(nproc, reference["ovr"] + args + [f"train.max_steps={STEPS}"], run)

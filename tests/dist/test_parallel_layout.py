@@ -54,6 +54,12 @@ def test_cp_balance_is_validated_naming_the_field():
     load_config(TINY + ["parallel.cp=2", "parallel.cp_lightning=lasp",
                         "parallel.cp_balance=contiguous"])
     assert load_config(TINY).parallel.cp_balance == "zigzag"  # the default
+    with pytest.raises(ConfigError, match="^parallel.cp_zigzag_rounds: must be >= 1"):
+        load_config(TINY + ["parallel.cp=2", "parallel.cp_zigzag_rounds=0"])
+    with pytest.raises(ConfigError, match="^parallel.cp_zigzag_rounds: 2 rounds need "
+                                          "parallel.cp_balance=zigzag"):
+        load_config(TINY + ["parallel.cp=2", "parallel.cp_balance=contiguous",
+                            "parallel.cp_zigzag_rounds=2"])
 
 
 def test_overlap_groups_must_be_positive():
