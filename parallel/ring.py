@@ -91,7 +91,8 @@ def ring_segments(plan: CPPlan, hop: int) -> list:
                     ranges.append((k0 + max(ds - w * Tl, 0), k0 + Tl))
             if not ranges:
                 continue
-            # both pieces of rank j: adjacent in its stream (the later one is needed whole)
+            # rank j's pieces needed here are consecutive in its stream and all but the first
+            # are needed whole: one key range
             for (_, e), (s0, _) in zip(ranges, ranges[1:]):
                 assert e == s0, ("non-adjacent key ranges", ranges)
             qs, ks = by_slot[i % m]
