@@ -295,6 +295,13 @@ class ParallelConfig:
     # lightning layers under context parallelism: laspplus (all-gather of the per-rank states,
     # SPEC §6) or lasp (the state passed rank to rank, the serial baseline)
     cp_lightning: str = "laspplus"
+    # how rows split over CP ranks: zigzag (2·cp pieces a row, rank r holds pieces r and
+    # 2·cp-1-r: balanced causal attention; needs seq_len divisible by 2·cp) or contiguous (rank r
+    # holds the r-th of cp pieces: LASP's layout, causally imbalanced). Both layer kinds see it.
+    cp_balance: str = "zigzag"
+    # zigzag only: the row is this many consecutive stretches of 2·cp pieces, each split zigzag
+    # (balances packed documents shorter than the row; seq_len must divide by 2·cp·rounds)
+    cp_zigzag_rounds: int = 1
     bucket_mb: float = 40.0  # gradient-reduction bucket size (fp32 MiB)
     order: str = "tp-cp-ep-dp-pp"
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
@@ -311,6 +318,18 @@ class ParallelConfig:
             _fail(f"{path}.dp", f"must be >= 1, or -1 to derive it from the world size, got {self.dp}")
         if self.cp_lightning not in ("laspplus", "lasp"):
             _fail(f"{path}.cp_lightning", f"unknown '{self.cp_lightning}'; use laspplus or lasp")
+        if self.cp_balance not in ("zigzag", "contiguous"):
+            _fail(f"{path}.cp_balance", f"unknown '{self.cp_balance}'; use zigzag or contiguous")
+        if self.cp_zigzag_rounds < 1:
+            _fail(f"{path}.cp_zigzag_rounds", f"must be >= 1, got {self.cp_zigzag_rounds}")
+        if self.cp_zigzag_rounds > 1 and self.cp_balance != "zigzag":
+            _fail(f"{path}.cp_zigzag_rounds", f"{self.cp_zigzag_rounds} rounds need "
+                  f"{path}.cp_balance=zigzag; set {path}.cp_zigzag_rounds=1 for "
+                  f"{self.cp_balance}")
+        if self.cp > 1 and self.cp_lightning == "lasp" and self.cp_balance != "contiguous":
+            _fail(f"{path}.cp_balance", "LASP (cp_lightning=lasp, the serial baseline) passes the "
+                  f"state rank to rank over contiguous chunks; set {path}.cp_balance=contiguous "
+                  f"(or {path}.cp_lightning=laspplus)")
         if self.backend not in ("auto", "gloo", "nccl"):
             _fail(f"{path}.backend", f"unknown '{self.backend}'; use auto, gloo or nccl")
         if self.timeout_s < 1:

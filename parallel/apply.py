@@ -36,13 +36,15 @@ geometry of :mod:`mmtrain.model.init`). Initialisation and sharded checkpoints b
 pieces in :mod:`mmtrain.train.distributed`; this package imports nothing from ``mmtrain.train``.
 
 Context parallelism (cp = C, :mod:`mmtrain.parallel.context`): every rank keeps all of its TP
-shard's weights (replicated over CP); :meth:`Parallel.shard_batch` gives the rank its contiguous
-piece of every row; the lightning cores become LASP+ (or LASP, ``parallel.cp_lightning``), the
+shard's weights (replicated over CP); :meth:`Parallel.shard_batch` gives the rank its pieces of
+every row (``parallel.cp_balance``: zigzag pieces r and 2C-1-r of 2C, or the contiguous r-th of
+C); the lightning cores become LASP+ (or LASP, ``parallel.cp_lightning``, contiguous only), the
 softmax cores Varlen Ring Attention (:mod:`mmtrain.parallel.ring`), the MoE routes the rank's
 tokens with local capacity judged over the TP×CP group (slots ranked by TP×CP rank, then local
-token: the global token order only for one-row micro-batches) and its aux loss over every rank
-(TP×DP×CP). Gradients then reduce over DP×CP (``dp_cp`` for TP-split weights, ``tp_dp_cp`` for
-replicated ones); experts over EDP, which spans DP×CP×TP when ep = etp = 1.
+token: the global token order only for one-row micro-batches under the contiguous partition)
+and its aux loss over every rank (TP×DP×CP). Gradients then reduce over DP×CP (``dp_cp`` for
+TP-split weights, ``tp_dp_cp`` for replicated ones); experts over EDP, which spans DP×CP×TP
+when ep = etp = 1.
 
 Unsupported layouts fail in :func:`check_layout` (before any process group exists) with a
 ConfigError naming the field: pp > 1 arrives in a later issue; TP needs sequence
@@ -85,7 +87,15 @@ _LATER = {
 
 def check_context(cfg: Config) -> None:
     """The sizes context parallelism needs (pure; also used by ``mmtrain info``)."""
-    c = cfg.parallel.cp
+    c, k = cfg.parallel.cp, cfg.parallel.cp_zigzag_rounds
+    if c > 1 and cfg.parallel.cp_balance == "zigzag" and cfg.data.seq_len % (2 * c * k):
+        rounds = f" × parallel.cp_zigzag_rounds={k}" if k > 1 else ""
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} tokens per row do not split into "
+                          f"2·cp{rounds} = {2 * c * k} pieces (parallel.cp_balance=zigzag: CP "
+                          f"rank r holds pieces r and {2 * c - 1}-r of every {2 * c}); make it a "
+                          f"multiple of {2 * c * k}"
+                          + (", or lower parallel.cp_zigzag_rounds" if k > 1 else "")
+                          + ", or set parallel.cp_balance=contiguous")
     if cfg.data.seq_len % c:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} tokens per row do not split over "
                           f"parallel.cp={c} (each CP rank holds a contiguous piece of every row); "
@@ -202,13 +212,14 @@ def _shard_tensor_parallel(model: nn.Module, tp: int, t: int, group) -> dict:
 
 
 # ----------------------------------------------------------------------------------- CP ops
-def _shard_context_parallel(model: nn.Module, cp: int, c: int, groups, lightning: str):
+def _shard_context_parallel(model: nn.Module, cp: int, c: int, groups, lightning: str,
+                            balance: str, rounds: int):
     """Swap the attention cores for their CP versions (the MoE's groups are set by the caller)."""
     from mmtrain.model.attention import LightningAttention, SoftmaxAttention
     from mmtrain.parallel.context import ContextLightningOp, ContextParallel
     from mmtrain.parallel.ring import ContextSoftmaxOp
 
-    cpx = ContextParallel(groups.cp, cp, c, lightning)
+    cpx = ContextParallel(groups.cp, cp, c, lightning, balance, rounds)
     for layer in model.layers:
         a = layer.attn
         if isinstance(a, LightningAttention):
@@ -244,7 +255,8 @@ def shard_model(model: nn.Module, topology: Topology, groups, pcfg: ParallelConf
         plan.vocab_start = info.tp * (model.cfg.vocab_size // topology.tp)
     if topology.cp > 1:
         plan.context = _shard_context_parallel(model, topology.cp, info.cp, groups,
-                                               pcfg.cp_lightning)
+                                               pcfg.cp_lightning, pcfg.cp_balance,
+                                               pcfg.cp_zigzag_rounds)
     if groups is not None:
         # aux loss over every rank's tokens; local capacity over the ranks that split one
         # micro-batch (TP, and CP under context parallelism)
@@ -333,8 +345,8 @@ class Parallel:
 
     # ------------------------------------------------------------------------------ data
     def shard_batch(self, batch, device):
-        """This rank's part of a micro-batch on ``device``: under CP the contiguous piece of
-        every row (with its CP plan), else the batch itself."""
+        """This rank's part of a micro-batch on ``device``: under CP its pieces of every row
+        (with its CP plan), else the batch itself."""
         if self.context is None:
             return batch.to(device)
         return self.context.shard_batch(batch, device)

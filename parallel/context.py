@@ -1,45 +1,61 @@
 """Context parallelism (SPEC §6): CP sharding of packed batches, LASP+ and LASP for the lightning
 layers. Varlen Ring Attention for the softmax layers is in :mod:`mmtrain.parallel.ring`.
 
-Legend: C CP size, r this rank's CP index, B rows of the micro-batch, T row length, Tl = T / C
-the tokens of one rank per row, H (local) heads, K/V head dims, N local document pieces.
+Legend: C CP size, r this rank's CP index, B rows of the micro-batch, T row length, V virtual
+pieces a row, Tl = T / V the tokens of one piece, m = V / C pieces a rank holds of each row, H
+(local) heads, K/V head dims, N local document segments.
+
+**Partition** (``parallel.cp_balance``). Every row is cut into V equal *virtual pieces* v =
+0..V-1 in sequence order. ``contiguous``: V = C, rank r holds piece r (``[r·Tl, (r+1)·Tl)``).
+``zigzag`` (the default): V = 2C, rank r holds pieces r and 2C-1-r, so causal attention costs
+every rank the same for a document spanning the row (see :mod:`mmtrain.parallel.ring`); T must
+divide by 2C. With ``parallel.cp_zigzag_rounds`` = R > 1 the row is R consecutive stretches of 2C
+pieces (V = 2CR), each split zigzag (rank r: pieces 2C·i + r and 2C·i + 2C-1-r): packed
+documents shorter than the row then spread over the ranks too (T must divide by 2CR). Both layer
+kinds see this one partition of the hidden states.
 
 **Sharding** (:meth:`ContextParallel.shard_batch`). Every CP rank of a DP replica reads the same
-micro-batch; rank r keeps the contiguous piece ``[r·Tl, (r+1)·Tl)`` of every row, so its local
-packed stream is ``B·Tl`` tokens (row b's piece at ``[b·Tl, (b+1)·Tl)``). The local
-``cu_seqlens`` are the global document boundaries clipped to the pieces (a piece edge is always a
-local boundary); ``position_ids`` are sliced, so a document that began on an earlier rank keeps
-its true positions; labels and the loss mask are sliced alike. The :class:`CPPlan` of the
-micro-batch (host-side, computed from the global batch every rank holds, so it needs no
-communication) rides on the local ``cu_seqlens`` tensor; the CP ops read it from there.
+micro-batch; rank r's local packed stream is its pieces in order (row 0's pieces, then row 1's
+…), each a local row of Tl tokens (the local batch is ``[B·m, Tl]``; local piece ``i = b·m + s``
+is slot s of row b). The local ``cu_seqlens`` are the global document boundaries clipped to the
+pieces (a piece edge is always a local boundary); ``position_ids`` are sliced, so a document
+that began in an earlier piece keeps its true positions; labels and the loss mask are sliced
+alike. The :class:`CPPlan` of the micro-batch (host-side, computed from the global batch every
+rank holds, so it needs no communication) rides on the local ``cu_seqlens`` tensor; the CP ops
+read it from there.
 
-For row b the plan records whether rank r's first local token continues a document that began
-on an earlier rank (``cont``), how many local rows precede the first local document start
-(``first``), where that document began (``doc_start``, row coordinate) and, for every rank j,
-whether rank j's piece contains a document start (``has_start[j][b]``).
+For each local piece the plan records its virtual piece (``virt``), whether its first token
+continues a document that began in an earlier piece (``cont``), how many of its rows precede
+its first document start (``first``), where that document began (``doc_start``, row
+coordinate) and, for every virtual piece v of every global row b, whether it contains a
+document start (``has_start[v][b]``).
 
-**LASP+** (:class:`_LaspPlus`, SPEC §6). Forward: (1) KV_r[b], the local state of the last
-piece of row b from a zero start (``Σ_j λ^(L-1-j) k_jᵀ v_j``, a GEMM over that piece's rows);
-(2) one all-gather of the fp32 states ``[C, B, H, K, V]`` (size independent of the sequence
-length); (3) ``KV_in(r)[b] = Σ_{s ≤ j < r} λ^((r-1-j)·Tl) KV_j[b]`` with s the nearest earlier
-rank whose piece of row b contains a document start (included; the chain resets there); (4) the
-local output with the correction ``diag(λ^(i+1)) Q KV_in`` on the rows before the first local
-document start only. Step 4 is *fused*: the local op runs once with ``KV_in`` as the initial
-state of the piece's first segment (zero elsewhere), which is exactly the zero-state output plus
-that correction (the op is linear in its initial state) — computed in the kernel's inter-block
-product instead of extra passes over q and o. The price is step 1 as a separate GEMM before the
-op (a separate pass over the last piece's k and v) and that the tiny all-gather no longer
-overlaps the local op. Backward, mirrored: ``dKV_in(r)[b] = Σ_{i<first} λ^(i+1) q_iᵀ dO_i`` (a
-GEMM over the corrected rows), one all-gather of those, the decayed suffix
-``dKV_r[b] = Σ_{r' > r, no start in ranks r+1..r'-1} λ^((r'-1-r)·Tl) dKV_in(r')[b]`` fed to the
-local backward as the gradient of its final state (it gives dk, dv of KV_r), while the initial
-state gives dq its ``λ^(i+1) KV_in dO_i`` term inside the kernel. Autograd never runs through a
-collective.
+**LASP+** (:class:`_LaspPlus`, SPEC §6, with ranks read as virtual pieces). Forward: (1) KV_i,
+the local state of the last segment of every local piece i from a zero start
+(``Σ_j λ^(L-1-j) k_jᵀ v_j``, a GEMM over that segment's rows); (2) one all-gather of the fp32
+states ``[C, B·m, H, K, V]`` (size independent of the sequence length); (3)
+:func:`combine_states`: for local piece u of row b, ``KV_in(u) = Σ_{s ≤ w < u} λ^((u-1-w)·Tl)
+KV_w`` over the virtual pieces w before u, with s the nearest earlier piece containing a
+document start (included; the chain resets there) — under zigzag the sum mixes sender rank,
+sender slot and receiver slot; (4) the local output with the correction ``diag(λ^(i+1)) Q
+KV_in`` on the rows before the piece's first document start only. Step 4 is *fused*: the local
+op runs once with ``KV_in`` as the initial state of the piece's first segment (zero elsewhere),
+which is exactly the zero-state output plus that correction (the op is linear in its initial
+state) — computed in the kernel's inter-block product instead of extra passes over q and o. The
+price is step 1 as a separate GEMM before the op (a separate pass over the last segments' k and
+v) and that the tiny all-gather no longer overlaps the local op. Backward, mirrored:
+``dKV_in(u) = Σ_{i<first} λ^(i+1) q_iᵀ dO_i`` (a GEMM over the corrected rows), one all-gather
+of those, the transposed combination ``dKV_w = Σ_{u > w, w in the chain of u}
+λ^((u-1-w)·Tl) dKV_in(u)`` fed to the local backward as the gradient of each piece's final
+state (it gives dk, dv of KV_w), while the initial state gives dq its ``λ^(i+1) KV_in dO_i``
+term inside the kernel. Autograd never runs through a collective.
 
 **LASP** (:class:`_Lasp`, the baseline): rank r receives the true state at the end of rank r-1's
 pieces, runs the local op with it as the initial state of its first piece of every row that
 continues a document, and sends its own final states on; the backward sends the gradient of the
-initial state back the same way. Serial in C both ways.
+initial state back the same way. Serial in C both ways. Contiguous partition only (under zigzag
+the chain would visit every rank twice, 0 → C-1 then C-1 → 0; the config rejects
+``cp_lightning=lasp`` with ``cp_balance=zigzag``, naming ``parallel.cp_balance``).
 """
 
 from __future__ import annotations
@@ -53,10 +69,12 @@ import torch.distributed as dist
 
 from mmtrain.data.batch import Batch
 
-__all__ = ["CPPlan", "make_plan", "shard_batch", "ContextParallel", "ContextLightningOp",
-           "LIGHTNING_MODES", "layout_summary"]
+__all__ = ["CPPlan", "make_plan", "shard_batch", "owned_pieces", "combine_states",
+           "ContextParallel", "ContextLightningOp", "LIGHTNING_MODES", "CP_BALANCES",
+           "layout_summary"]
 
 LIGHTNING_MODES = ("laspplus", "lasp")
+CP_BALANCES = ("zigzag", "contiguous")
 
 
 def layout_summary(pcfg, seq_len: int, dp=None) -> str:
@@ -66,104 +84,170 @@ def layout_summary(pcfg, seq_len: int, dp=None) -> str:
             f"{' (sp)' if pcfg.tp > 1 else ''}{', zero1' if pcfg.zero1 else ''}")
     if pcfg.cp > 1:
         name = {"laspplus": "LASP+", "lasp": "LASP"}.get(pcfg.cp_lightning, pcfg.cp_lightning)
-        line += (f"; context parallel: each of {pcfg.cp} ranks holds {seq_len // pcfg.cp} "
-                 f"contiguous tokens of every {seq_len}-token row; lightning {name}, softmax "
-                 f"varlen ring attention")
+        c = pcfg.cp
+        k = getattr(pcfg, "cp_zigzag_rounds", 1)
+        if getattr(pcfg, "cp_balance", "contiguous") == "zigzag":
+            how = (f"zigzag partition: every {seq_len}-token row in {2 * c * k} pieces of "
+                   f"{seq_len // (2 * c * k)}, rank r holds pieces r and {2 * c - 1}-r"
+                   + (f" of each of {k} rounds" if k > 1 else ""))
+        else:
+            how = (f"contiguous partition: each of {c} ranks holds {seq_len // c} contiguous "
+                   f"tokens of every {seq_len}-token row")
+        line += f"; context parallel ({how}); lightning {name}, softmax varlen ring attention"
     return line
 
 
 # ----------------------------------------------------------------------------------- the plan
+def owned_pieces(cp: int, rank: int, balance: str, rounds: int = 1) -> list:
+    """The virtual pieces (in sequence order) rank ``rank`` holds of every row: ``[r]``
+    (contiguous, C pieces a row) or, zigzag with R rounds (2CR pieces a row), ``2C·i + r`` and
+    ``2C·i + 2C-1-r`` for i < R (R = 1: pieces r and 2C-1-r)."""
+    if balance == "contiguous":
+        if rounds != 1:
+            raise ValueError(f"the contiguous partition has one round, got rounds={rounds}")
+        return [rank]
+    if balance == "zigzag":
+        if rounds < 1:
+            raise ValueError(f"zigzag rounds must be >= 1, got {rounds}")
+        return [v for i in range(rounds) for v in (2 * cp * i + rank, 2 * cp * i + 2 * cp - 1
+                                                   - rank)]
+    raise ValueError(f"cp_balance must be one of {CP_BALANCES}, got {balance!r}")
+
+
 @dataclass
 class CPPlan:
-    """What the CP ops of rank ``rank`` need to know about one micro-batch (host-side)."""
+    """What the CP ops of rank ``rank`` need to know about one micro-batch (host-side).
+
+    Every list indexed by local piece ``i`` (``rows`` of them: ``i = b·m + s`` for global row b
+    and slot s, m = 1 contiguous, 2·rounds zigzag) describes one local piece, itself a local row of
+    ``Tl`` tokens; ``virt[i]`` is its virtual piece (its place in the row)."""
 
     cp: int
     rank: int
-    rows: int  # B
-    Tl: int  # tokens per rank per row
-    cu: list  # local cu_seqlens (ints, over B·Tl)
-    cont: list  # [B] bool: the first local token continues a document from an earlier rank
-    first: list  # [B] local rows before the first document start in the piece (Tl if none)
-    doc_start: list  # [B] row coordinate where the document of the first local token began
-    has_start: list  # [C][B] bool: rank j's piece of row b contains a document start
-    first_seg: list  # [B] index (in the local segments) of the piece's first segment
-    last_seg: list  # [B] index of the piece's last segment
+    rows: int  # local pieces (B·m)
+    Tl: int  # tokens per piece
+    cu: list  # local cu_seqlens (ints, over rows·Tl; a boundary at every piece edge)
+    cont: list  # [rows] bool: the first token continues a document from an earlier piece
+    first: list  # [rows] rows before the first document start in the piece (Tl if none)
+    doc_start: list  # [rows] row coordinate where the document of the first token began
+    has_start: list  # [V][B] bool: virtual piece v of global row b contains a document start
+    first_seg: list  # [rows] index (in the local segments) of the piece's first segment
+    last_seg: list  # [rows] index of the piece's last segment
     ring_hops: int  # hops of K/V around the ring the batch needs (same on every rank)
+    balance: str = "contiguous"  # contiguous | zigzag
+    virt: list = field(default_factory=list)  # [rows] virtual piece of each local piece
+    rounds: int = 1  # zigzag rounds (2C·rounds pieces a row)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def tokens(self) -> int:
         return self.rows * self.Tl
 
+    @property
+    def per_row(self) -> int:
+        """m: local pieces of each global row."""
+        return 1 if self.balance == "contiguous" else 2 * self.rounds
+
+    @property
+    def nvirt(self) -> int:
+        """V: virtual pieces of a row (C contiguous, 2C·rounds zigzag)."""
+        return self.cp * self.per_row
+
+    def owner(self, v: int):
+        """(CP rank, slot) holding virtual piece ``v``."""
+        C = self.cp
+        if self.balance == "contiguous":
+            return v, 0
+        i, q = divmod(v, 2 * C)
+        return (q, 2 * i) if q < C else (2 * C - 1 - q, 2 * i + 1)
+
     def chain_mask(self) -> np.ndarray:
-        """[C (receiver r), C (sender j), B] bool: KV_j is in KV_in(r) for row b."""
-        C, B = self.cp, self.rows
-        m = np.zeros((C, C, B), dtype=bool)
+        """[V (receiver piece u), V (sender piece w), B] bool: the state of virtual piece w is in
+        the incoming state of virtual piece u for global row b (the chain runs back from u-1 to
+        the nearest piece with a document start, which it includes)."""
+        V, B = self.nvirt, len(self.has_start[0])
+        m = np.zeros((V, V, B), dtype=bool)
         for b in range(B):
-            for r in range(1, C):
-                for j in range(r - 1, -1, -1):
-                    m[r, j, b] = True
-                    if self.has_start[j][b]:
+            for u in range(1, V):
+                for w in range(u - 1, -1, -1):
+                    m[u, w, b] = True
+                    if self.has_start[w][b]:
                         break
         return m
 
 
-def _piece_info(starts: np.ndarray, b: int, T: int, Tl: int, j: int):
-    """Sorted local starts (0..Tl-1) of rank j's piece of row b, and the doc start (row coords)
-    of its first token."""
-    a = b * T + j * Tl
+def _piece_info(starts: np.ndarray, b: int, T: int, Tl: int, v: int):
+    """Sorted local starts (0..Tl-1) of virtual piece v of row b, and the doc start (row
+    coords) of its first token."""
+    a = b * T + v * Tl
     lo, hi = np.searchsorted(starts, a), np.searchsorted(starts, a + Tl)
     local = (starts[lo:hi] - a).tolist()
     k = np.searchsorted(starts, a, side="right") - 1  # last start <= a
     return local, int(starts[k]) - b * T
 
 
-def make_plan(cu_seqlens, rows: int, T: int, cp: int, rank: int) -> CPPlan:
+def make_plan(cu_seqlens, rows: int, T: int, cp: int, rank: int,
+              balance: str = "zigzag", rounds: int = 1) -> CPPlan:
     """The :class:`CPPlan` of rank ``rank`` for a global micro-batch of ``rows`` rows of ``T``
-    tokens whose document boundaries (over the flattened batch) are ``cu_seqlens``."""
-    if T % cp:
-        raise ValueError(f"row length {T} does not split over cp={cp}")
-    Tl = T // cp
+    tokens whose document boundaries (over the flattened batch) are ``cu_seqlens``, under the
+    partition ``balance`` (zigzag: 2C pieces a row, rank r holds r and 2C-1-r, repeated over
+    ``rounds`` consecutive stretches of 2C pieces; contiguous: C)."""
+    own = owned_pieces(cp, rank, balance, rounds)
+    V = cp * len(own)
+    if T % V:
+        raise ValueError(f"row length {T} does not split into {V} pieces (cp={cp}, "
+                         f"cp_balance={balance}, rounds={rounds})")
+    Tl = T // V
     cu = np.asarray(cu_seqlens, dtype=np.int64)
     starts = np.unique(cu[:-1])
     if not len(starts) or starts[0] != 0 or cu[-1] != rows * T:
         raise ValueError(f"cu_seqlens must run from 0 to rows·T = {rows * T}")
     if any((b * T) not in set(starts.tolist()) for b in range(rows)):
         raise ValueError("every row must start a document (row edges are sequence boundaries)")
-    has_start = [[False] * rows for _ in range(cp)]
+    plan = CPPlan(cp, rank, rows * len(own), Tl, [], [], [], [], [[False] * rows for _ in
+                  range(V)], [], [], 0, balance, [], rounds)
+    info = [[_piece_info(starts, b, T, Tl, v) for b in range(rows)] for v in range(V)]
     hops = 0
-    mine = None
-    for j in range(cp):
+    for u in range(V):
+        ru = plan.owner(u)[0]
         for b in range(rows):
-            local, ds = _piece_info(starts, b, T, Tl, j)
-            has_start[j][b] = bool(local)
-            if not local or local[0] != 0:  # continues: needs chunks ds//Tl .. j-1
-                hops = max(hops, j - ds // Tl)
-        if j == rank:
-            mine = [_piece_info(starts, b, T, Tl, rank) for b in range(rows)]
-    lcu, first_seg, last_seg, cont, first, doc_start = [], [], [], [], [], []
-    for b, (local, ds) in enumerate(mine):
-        first_seg.append(len(lcu))
-        edges = sorted(set([0] + local))
-        lcu.extend(b * Tl + e for e in edges)
-        last_seg.append(len(lcu) - 1)
-        cont.append(not local or local[0] != 0)
-        first.append(local[0] if local else Tl)
-        doc_start.append(ds)
-    lcu.append(rows * Tl)
-    return CPPlan(cp, rank, rows, Tl, lcu, cont, first, doc_start, has_start, first_seg,
-                  last_seg, hops)
+            local, ds = info[u][b]
+            plan.has_start[u][b] = bool(local)
+            if not local or local[0] != 0:  # continues: needs pieces ds//Tl .. u-1
+                for w in range(ds // Tl, u):
+                    hops = max(hops, (ru - plan.owner(w)[0]) % cp)
+    plan.ring_hops = hops
+    for b in range(rows):
+        for v in own:
+            i = len(plan.virt)
+            local, ds = info[v][b]
+            plan.virt.append(v)
+            plan.first_seg.append(len(plan.cu))
+            plan.cu.extend(i * Tl + e for e in sorted(set([0] + local)))
+            plan.last_seg.append(len(plan.cu) - 1)
+            plan.cont.append(not local or local[0] != 0)
+            plan.first.append(local[0] if local else Tl)
+            plan.doc_start.append(ds)
+    plan.cu.append(plan.rows * Tl)
+    return plan
 
 
-def shard_batch(batch: Batch, cp: int, rank: int) -> Batch:
-    """Rank ``rank``'s contiguous piece of every row of ``batch`` (host tensors), with its
-    :class:`CPPlan` attached to the local ``cu_seqlens`` (attribute ``cp_plan``)."""
+def shard_batch(batch: Batch, cp: int, rank: int, balance: str = "zigzag",
+                rounds: int = 1) -> Batch:
+    """Rank ``rank``'s pieces of every row of ``batch`` (host tensors): one local row per piece
+    (``[B·m, Tl]``, pieces in row order), with its :class:`CPPlan` attached to the local
+    ``cu_seqlens`` (attribute ``cp_plan``)."""
     B, T = batch.tokens.shape
-    plan = make_plan(batch.cu_seqlens.tolist(), B, T, cp, rank)
-    sl = slice(rank * plan.Tl, (rank + 1) * plan.Tl)
+    plan = make_plan(batch.cu_seqlens.tolist(), B, T, cp, rank, balance, rounds)
+    Tl = plan.Tl
+    own = owned_pieces(cp, rank, balance, rounds)
+
+    def take(x):
+        return torch.stack([x[:, v * Tl:(v + 1) * Tl] for v in own], 1).reshape(-1, Tl)
+
     cu = torch.tensor(plan.cu, dtype=torch.int32)
-    out = Batch(batch.tokens[:, sl].contiguous(), batch.labels[:, sl].contiguous(),
-                batch.loss_mask[:, sl].contiguous(), cu, batch.position_ids[:, sl].contiguous())
+    out = Batch(take(batch.tokens), take(batch.labels), take(batch.loss_mask), cu,
+                take(batch.position_ids))
     cu.cp_plan = plan
     return out
 
@@ -181,16 +265,21 @@ def plan_of(cu_seqlens) -> CPPlan:
 class ContextParallel:
     """This rank's CP group: sharding, and the collectives the CP ops use."""
 
-    def __init__(self, group, cp: int, rank: int, lightning: str = "laspplus"):
+    def __init__(self, group, cp: int, rank: int, lightning: str = "laspplus",
+                 balance: str = "zigzag", rounds: int = 1):
         if lightning not in LIGHTNING_MODES:
             raise ValueError(f"lightning must be one of {LIGHTNING_MODES}, got {lightning!r}")
+        if balance not in CP_BALANCES:
+            raise ValueError(f"cp_balance must be one of {CP_BALANCES}, got {balance!r}")
         self.group, self.cp, self.rank, self.lightning = group, cp, rank, lightning
+        self.balance, self.rounds = balance, rounds
+        owned_pieces(cp, rank, balance, rounds)  # validates rounds
         self.ranks = ([dist.get_global_rank(group, i) for i in range(cp)]
                       if group is not None and cp > 1 else [0])
 
     def shard_batch(self, batch: Batch, device) -> Batch:
-        """The local piece on ``device``; the plan stays attached to the device cu_seqlens."""
-        local = shard_batch(batch, self.cp, self.rank)
+        """The local pieces on ``device``; the plan stays attached to the device cu_seqlens."""
+        local = shard_batch(batch, self.cp, self.rank, self.balance, self.rounds)
         plan = local.cu_seqlens.cp_plan
         out = local.to(device)
         out.cu_seqlens.cp_plan = plan
@@ -217,33 +306,48 @@ def _state_dtype(q):
 
 
 def _chain_coef(plan: CPPlan, slopes, dtype, device, transpose: bool):
-    """[C, B, H]: forward (``transpose=False``) the weights of every rank's KV_j in this rank's
-    KV_in; backward the weights of every rank's dKV_in(r') in this rank's dKV."""
-    key = ("coef", transpose, str(device), dtype)
+    """[C, m, B, m, H] with B global rows and m pieces per row per rank: forward
+    (``transpose=False``) ``coef[j, s, b, t]`` weighs rank j's slot-s state of row b in the
+    incoming state of this rank's slot-t piece of row b; backward ``coef[j, t, b, s]`` weighs
+    rank j's slot-t ``dKV_in`` of row b in the gradient of this rank's slot-s state of row b.
+    The weight is ``λ^((u-1-w)·Tl)`` (u receiving, w sending virtual piece) where the chain of u
+    includes w (:meth:`CPPlan.chain_mask`), else 0. The plan caches the exponents and the mask
+    only: every layer has its own slopes."""
+    key = ("chain", transpose, str(device), dtype)
     if key not in plan._cache:
-        m = plan.chain_mask()  # [r, j, b]
-        C, r = plan.cp, plan.rank
-        if not transpose:  # over senders j: exponent (r-1-j)·Tl
-            mask = m[r]  # [j, b]
-            expo = np.array([(r - 1 - j) * plan.Tl for j in range(C)], dtype=np.float64)
-        else:  # over receivers r': exponent (r'-1-r)·Tl
-            mask = m[:, r]  # [r', b]
-            expo = np.array([(rp - 1 - r) * plan.Tl for rp in range(C)], dtype=np.float64)
-        expo = np.where(mask, np.maximum(expo, 0.0)[:, None], 0.0)
-        s = slopes.to(device=device, dtype=dtype)
-        coef = torch.exp(-s[None, None, :] * torch.tensor(expo, dtype=dtype, device=device)[..., None])
-        coef = coef * torch.tensor(mask, device=device, dtype=dtype)[..., None]
-        plan._cache[key] = coef
-    return plan._cache[key]
+        mask = plan.chain_mask()  # [u, w, b]
+        C, m, r = plan.cp, plan.per_row, plan.rank
+        B = plan.rows // m
+        own = owned_pieces(C, r, plan.balance, plan.rounds)
+        sel = np.zeros((C, m, B, m), dtype=bool)
+        expo = np.zeros((C, m, B, m), dtype=np.float64)
+        for j in range(C):
+            for s_j, vj in enumerate(owned_pieces(C, j, plan.balance, plan.rounds)):
+                for s_r, vr in enumerate(own):
+                    u, w = (vj, vr) if transpose else (vr, vj)
+                    if w < u:
+                        sel[j, s_j, :, s_r] = mask[u, w]
+                        expo[j, s_j, :, s_r] = (u - 1 - w) * plan.Tl
+        expo = np.where(sel, expo, 0.0)
+        plan._cache[key] = (torch.tensor(expo, dtype=dtype, device=device)[..., None],
+                            torch.tensor(sel, device=device, dtype=dtype)[..., None])
+    expo, sel = plan._cache[key]
+    return torch.exp(-slopes.to(device=device, dtype=dtype) * expo) * sel
 
 
 def combine_states(plan: CPPlan, states_all: torch.Tensor, slopes, transpose: bool):
     """The states every local piece receives from the all-gathered ``states_all``
-    [C, B, H, K, V]: forward (``transpose=False``) ``KV_in`` of each local piece from every rank's
-    last-piece state ``KV_j``; backward the gradient ``dKV`` of each local last-piece state from
-    every rank's ``dKV_in``. -> [B, H, K, V] in ``states_all``'s dtype."""
-    coef = _chain_coef(plan, slopes, states_all.dtype, states_all.device, transpose)  # [C, B, H]
-    return (coef[..., None, None] * states_all).sum(0)
+    [C, rows, H, K, V] (every rank's per-local-piece states, local pieces in row order):
+    forward (``transpose=False``) ``KV_in`` of each local piece from every rank's last-segment
+    states ``KV_j``; backward the gradient ``dKV`` of each local last-segment state from every
+    rank's ``dKV_in``. -> [rows, H, K, V] in ``states_all``'s dtype. Under zigzag a piece's
+    chain mixes both slots of every rank (:func:`_chain_coef`)."""
+    coef = _chain_coef(plan, slopes, states_all.dtype, states_all.device, transpose)
+    C, m = plan.cp, plan.per_row
+    st = states_all.reshape(C, plan.rows // m, m, *states_all.shape[2:])  # [C, B, m, H, K, V]
+    # sender/receiver slot s -> slot t of the same global row b, summed over ranks j
+    out = torch.einsum("jsbth,jbshkv->bthkv", coef, st)
+    return out.reshape(plan.rows, *states_all.shape[2:])
 
 
 _CHUNK = 32768  # rows per state GEMM (bounds the temporaries)
@@ -501,6 +605,10 @@ class ContextLightningOp:
             raise NotImplementedError("the CP lightning op owns the states (no initial_state / "
                                       "final_state through it)")
         plan = plan_of(cu_seqlens)
+        if self.mode == "lasp" and plan.balance != "contiguous":
+            raise ValueError("parallel.cp_lightning: LASP (the serial baseline) passes the state "
+                             "rank to rank over contiguous chunks; set parallel.cp_balance="
+                             "contiguous to run it, or use parallel.cp_lightning=laspplus")
         if self.mode == "laspplus" and _fusable(self.local, q):
             return _LaspPlusFused.apply(q, k, v, slopes, cu_seqlens, self.cpx, plan), None
         fn = _LaspPlus if self.mode == "laspplus" else _Lasp

@@ -1,36 +1,52 @@
 """Varlen Ring Attention (SPEC §6) for the softmax layers under context parallelism.
 
-Legend: C CP size, r this rank's CP index, B rows, Tl tokens per rank per row, T = B·Tl local
-tokens, H query heads, G KV heads, K head dim.
+Legend: C CP size, r this rank's CP index, Tl tokens per piece, H query heads, G KV heads, K
+head dim; pieces and virtual pieces as in :mod:`mmtrain.parallel.context` (V = C virtual pieces
+a row under the contiguous partition, 2C under zigzag; rank r holds r, and 2C-1-r under zigzag;
+every local piece is a local row of the plan, no per-document padding).
 
-The packed stream is split contiguously (see :mod:`mmtrain.parallel.context`; no per-document
-padding). At hop h rank r holds the K/V of chunk j = r - h:
+K/V of both pieces of a rank travel together: at hop h rank r holds the K/V of CP rank
+``(r - h) mod C`` (hop 0: its own):
 
-* h = 0 (diagonal): varlen-causal attention over the local documents (local ``cu_seqlens``);
-* h ≥ 1, j ≥ 0: only the document containing r's first token of a row, when it began on an
-  earlier rank before the end of chunk j: its rows on r (before the first local document start)
-  attend, non-causally, its rows on chunk j (from ``max(doc_start - j·Tl, 0)`` to the piece end).
-  Every other (row, chunk) pair is skipped.
+* diagonal (hop 0): varlen-causal attention of every local piece within itself (local
+  ``cu_seqlens``, which always break at piece edges);
+* off-diagonal: for a local piece u whose first token continues a document that began in an
+  earlier piece, its rows before the first local document start attend, non-causally, the rows
+  of that document in every earlier virtual piece w < u (from ``max(doc_start - w·Tl, 0)`` to
+  the piece end), at the hop where w's owner's K/V are here. Under zigzag this includes hop 0
+  (piece 2C-1-r attends piece r on the same rank) and wraps round the ring (rank 0's last piece
+  needs every rank); the pieces a query piece needs of the visiting rank are consecutive in its
+  stream, the first possibly partial and the rest whole, so they form one key range. Each hop runs one non-causal call per receiving slot (a call's
+  query and key ranges must be disjoint). Every other (piece, piece) pair is skipped.
 
-The number of hops is the largest distance any continuing document spans (from the plan, the
-same on every rank); a batch whose documents never cross a rank edge runs no hop at all. Partial
-results merge by log-sum-exp (fp32). The K/V of hop h+1 are in flight (``batch_isend_irecv``)
-while hop h computes; a rank sends only chunks its successor will use.
+The number of hops is the largest ring distance any continuing document needs (from the plan,
+the same on every rank); a batch whose documents never cross a rank's pieces runs no hop.
+Partial results merge by log-sum-exp (fp32). The K/V of hop h+1 are in flight
+(``batch_isend_irecv``) while hop h computes. Contiguous: the ring does not wrap (chunk r - h <
+0 is nothing) and a rank sends only chunks its successor will use; zigzag: every rank sends and
+receives at every hop.
 
-Backward: the diagonal gradients stay local; K/V go round again (prefetched one hop ahead, like
-the forward) and a dK/dV accumulator follows its chunk (every rank adds the contribution of its
-rows); an accumulator that is complete (after the last hop, or on the last rank) is sent straight
-back to the chunk's owner. Each step's local
-backward uses the final merged (o, lse), so the partial gradients sum exactly.
+Backward: the diagonal (and zigzag hop-0) gradients stay local; K/V go round again (prefetched
+one hop ahead, like the forward) and a dK/dV accumulator follows its chunk (every rank adds the
+contribution of its rows); contiguous: an accumulator that is complete (after the last hop, or
+on the last rank) is sent straight back to the chunk's owner; zigzag: each hop's accumulator
+goes to r+1 in one batch with the next one arriving from r-1, and after the last hop home to
+rank r-n while this rank's comes back from r+n. Each step's local backward uses the final
+merged (o, lse), so the partial gradients sum exactly.
 
-Load balance: causal contiguous chunks are imbalanced. For one document spanning all C ranks,
-rank r attends ``Tl(Tl+1)/2 + r·Tl²`` (query, key) pairs, so the last rank does about 2C-1 times
-the first rank's work (3× at C=2); documents that never cross an edge cost the same on every
-rank. :func:`causal_work` counts the pairs per rank of a batch (``scripts/bench_context.py``
-reports it next to each rank's measured time). Balancing (e.g. a zig-zag chunk order) would
-break the contiguity LASP+ relies on (both layer kinds must see the same partition of the
-hidden states), so mmtrain keeps contiguous chunks and reports the imbalance; for packed
-batches of documents much shorter than ``Tl`` the imbalance is small.
+Load balance (``parallel.cp_balance``). Causal attention over contiguous chunks is imbalanced:
+for one document spanning all C ranks, rank r attends ``Tl(Tl+1)/2 + r·Tl²`` (query, key) pairs,
+so the last rank does about 2C-1 times the first rank's work (3× at C=2). The zigzag partition
+(the default) gives rank r pieces r and 2C-1-r of p = T/2C tokens: for that document every rank
+attends ``p(p+1) + (2C-1)·p²`` pairs, exactly the same. Packed documents that do not span the
+row are balanced only by finer pieces: ``parallel.cp_zigzag_rounds`` = R repeats the zigzag over
+R stretches of 2C pieces (on the issue's benchmark batch at C=2, max/mean rank work 1.50
+contiguous, 1.45 at R=1, 1.01 at R=2). LASP+ runs over the same partition
+(its chain is over virtual pieces, :func:`mmtrain.parallel.context.combine_states`), so both
+layer kinds see one partition of the hidden states. :func:`causal_work` counts the pairs per
+rank of a batch (``scripts/bench_context.py --balance`` reports it next to each rank's measured
+time). Packed documents much shorter than a piece cost about the same on every rank under
+either partition.
 """
 
 from __future__ import annotations
@@ -51,19 +67,39 @@ def diag_segments(plan: CPPlan) -> Segments:
     return plan._cache[key]
 
 
-def ring_segments(plan: CPPlan, hop: int):
-    """The off-diagonal segments of hop ``hop`` (chunk r - hop) on this rank, or None."""
+def ring_segments(plan: CPPlan, hop: int) -> list:
+    """The off-diagonal :class:`Segments` of hop ``hop`` on this rank (K/V of CP rank
+    ``(r - hop) mod C``; hop 0: this rank's own K/V), one per receiving slot that has any (a
+    query piece attends at most one key range per hop, so every list item has disjoint, increasing
+    query and key ranges). Empty when nothing is attended."""
     key = ("hop", hop)
     if key not in plan._cache:
-        j = plan.rank - hop
-        qs, ks = [], []
-        if j >= 0:
-            Tl = plan.Tl
-            for b in range(plan.rows):
-                if plan.cont[b] and plan.first[b] > 0 and plan.doc_start[b] < (j + 1) * Tl:
-                    qs.append((b * Tl, b * Tl + plan.first[b]))
-                    ks.append((b * Tl + max(plan.doc_start[b] - j * Tl, 0), (b + 1) * Tl))
-        plan._cache[key] = (Segments(qs, ks, False, plan.tokens, plan.tokens) if qs else None)
+        C, Tl, m, r = plan.cp, plan.Tl, plan.per_row, plan.rank
+        j = (r - hop) % C
+        if plan.balance == "contiguous" and hop > r:  # no wrap-around: chunk r - hop < 0
+            j = None
+        by_slot = [([], []) for _ in range(m)]
+        for i in range(plan.rows if j is not None else 0):
+            if not (plan.cont[i] and plan.first[i] > 0):
+                continue
+            b, u, ds = i // m, plan.virt[i], plan.doc_start[i]
+            ranges = []
+            for w in range(ds // Tl, u):  # the earlier pieces of the document, held by rank j
+                rj, sj = plan.owner(w)
+                if rj == j:
+                    k0 = (b * m + sj) * Tl
+                    ranges.append((k0 + max(ds - w * Tl, 0), k0 + Tl))
+            if not ranges:
+                continue
+            # rank j's pieces needed here are consecutive in its stream and all but the first
+            # are needed whole: one key range
+            for (_, e), (s0, _) in zip(ranges, ranges[1:]):
+                assert e == s0, ("non-adjacent key ranges", ranges)
+            qs, ks = by_slot[i % m]
+            qs.append((i * Tl, i * Tl + plan.first[i]))
+            ks.append((ranges[0][0], ranges[-1][1]))
+        plan._cache[key] = [Segments(qs, ks, False, plan.tokens, plan.tokens)
+                            for qs, ks in by_slot if qs]
     return plan._cache[key]
 
 
@@ -73,9 +109,8 @@ def causal_work(plan_for_rank) -> list:
     for r in range(plan_for_rank(0).cp):
         p = plan_for_rank(r)
         n = sum((b - a) * (b - a + 1) // 2 for a, b in diag_segments(p).q)
-        for h in range(1, p.ring_hops + 1):
-            s = ring_segments(p, h)
-            if s is not None:
+        for h in range(0, p.ring_hops + 1):
+            for s in ring_segments(p, h):
                 n += sum((q1 - q0) * (k1 - k0) for (q0, q1), (k0, k1) in zip(s.q, s.k))
         out.append(n)
     return out
@@ -128,20 +163,22 @@ class _Ring(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, attn, cpx, plan):
         r, n, C = plan.rank, plan.ring_hops, plan.cp
+        wrap = plan.balance != "contiguous"  # zigzag: K/V go all the way round
         # Hop h's K/V are in flight while the previous hop computes.
-        ex = (_Exchange(cpx, (k, v), send=r + 1 < C, recv=r >= 1)
+        ex = (_Exchange(cpx, (k, v), send=wrap or r + 1 < C, recv=wrap or r >= 1)
               if n > 0 else None)
         o, lse = attn.forward(q, k, v, diag_segments(plan), scale)
         acc = torch.promote_types(o.dtype, torch.float32)
         o, lse = o.to(acc), lse.to(acc)
+        for segs in ring_segments(plan, 0):  # zigzag: piece 2C-1-r attends piece r
+            o, lse = _merge(o, lse, *attn.forward(q, k, v, segs, scale))
         for h in range(1, n + 1):
             held = ex.wait()
             if held is None:
                 break  # r - h < 0: nothing reaches this rank any more, and it sends nothing
             if h < n:  # pass this chunk on: r+1 uses it at hop h+1
-                ex = _Exchange(cpx, held, send=r + 1 < C, recv=r - (h + 1) >= 0)
-            segs = ring_segments(plan, h)
-            if segs is not None:
+                ex = _Exchange(cpx, held, send=wrap or r + 1 < C, recv=wrap or r - (h + 1) >= 0)
+            for segs in ring_segments(plan, h):
                 o_h, lse_h = attn.forward(q, held[0], held[1], segs, scale)
                 o, lse = _merge(o, lse, o_h, lse_h)
         out = o.to(q.dtype)
@@ -154,15 +191,41 @@ class _Ring(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         plan, cpx, attn, scale = ctx.plan, ctx.cpx, ctx.attn, ctx.scale
         r, n, C = plan.rank, plan.ring_hops, plan.cp
+        wrap = plan.balance != "contiguous"
         # K/V of hop 1 travel while the diagonal backward runs.
-        kv_ex = _Exchange(cpx, (k, v), send=r + 1 < C, recv=r >= 1) if n > 0 else None
+        kv_ex = (_Exchange(cpx, (k, v), send=wrap or r + 1 < C, recv=wrap or r >= 1)
+                 if n > 0 else None)
         dq, dk, dv = attn.backward(q, k, v, o, lse, do, diag_segments(plan), scale)
         acc = torch.promote_types(k.dtype, torch.float32)
         dq = dq.to(acc)
+        if ring_segments(plan, 0):
+            dk, dv = dk.to(acc), dv.to(acc)
+            for segs in ring_segments(plan, 0):
+                gq, gk, gv = attn.backward(q, k, v, o, lse, do, segs, scale)
+                dq, dk, dv = dq + gq.to(acc), dk + gk.to(acc), dv + gv.to(acc)
         mine = None
         zeros = lambda: (torch.zeros(k.shape, dtype=acc, device=k.device),  # noqa: E731
                          torch.zeros(v.shape, dtype=acc, device=v.device))
-        for h in range(1, n + 1):
+        if wrap:
+            # Every rank holds a chunk at every hop. The accumulator of the chunk held at hop h
+            # goes to r+1 in the same batch as the one for hop h+1 comes from r-1 (a cycle of
+            # lone sends could deadlock); after the last hop it goes home to rank r-n while this
+            # rank's own comes back from r+n.
+            grads = zeros()
+            for h in range(1, n + 1):
+                held = kv_ex.wait()
+                if h < n:
+                    kv_ex = _Exchange(cpx, held, send=True, recv=True)
+                for segs in ring_segments(plan, h):
+                    gq, gk, gv = attn.backward(q, held[0], held[1], o, lse, do, segs, scale)
+                    dq = dq + gq.to(acc)
+                    grads = (grads[0] + gk.to(acc), grads[1] + gv.to(acc))
+                if h < n:
+                    grads = tuple(_p2p(cpx, [(g, (r + 1) % C) for g in grads], zeros(),
+                                       (r - 1) % C))
+                else:
+                    mine = _p2p(cpx, [(g, (r - n) % C) for g in grads], zeros(), (r + n) % C)
+        for h in range(1, n + 1) if not wrap else ():
             # Per hop, in the same order on every link (r-1 -> r): K/V of hop h (prefetched at
             # hop h-1), the accumulator of chunk r-h (completed by r-1 at hop h-1), then the
             # prefetch of hop h+1's K/V, which overlaps this hop's compute.
@@ -175,8 +238,7 @@ class _Ring(torch.autograd.Function):
                 if h < n:
                     kv_ex = _Exchange(cpx, held, send=r + 1 < C, recv=r - (h + 1) >= 0)
                 grads = grads or zeros()
-                segs = ring_segments(plan, h)
-                if segs is not None:
+                for segs in ring_segments(plan, h):
                     gq, gk, gv = attn.backward(q, held[0], held[1], o, lse, do, segs, scale)
                     dq = dq + gq.to(acc)
                     grads = (grads[0] + gk.to(acc), grads[1] + gv.to(acc))
@@ -198,7 +260,7 @@ class _Ring(torch.autograd.Function):
         if mine is not None:
             dk = (dk.to(acc) + mine[0]).to(k.dtype)
             dv = (dv.to(acc) + mine[1]).to(v.dtype)
-        return dq.to(q.dtype), dk, dv, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 class ContextSoftmaxOp:

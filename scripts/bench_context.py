@@ -4,29 +4,37 @@ LASP, Varlen Ring Attention. Checks correctness on the device before timing anyt
     torchrun --nproc-per-node 1 scripts/bench_context.py --out bench_context_1gpu.json
     torchrun --nproc-per-node 2 scripts/bench_context.py --out bench_context_2gpu.json
     torchrun --nproc-per-node 2 scripts/bench_context.py --cpu-smoke --out /tmp/smoke.json  # CPU, gloo
+    torchrun --nproc-per-node 2 scripts/bench_context.py --balance contiguous --skip softmax_op
+
+``--balance`` (default ``zigzag,zigzag2,contiguous``): the CP partitions to measure
+(``parallel.cp_balance``: zigzag, rank r holds pieces r and 2C-1-r of 2C; zigzagR, that over R
+rounds, ``parallel.cp_zigzag_rounds=R``; contiguous, the r-th of C). Every CP section runs once
+per partition; LASP runs under contiguous only.
 
 Sections (bf16, d = 128; fwd+bwd = one forward and one backward; median of --iters timed
 iterations after --warmup; every rank times the same thing and the slowest rank is reported):
 
 1. ``checks``: on the device, the CP ops on a packed batch whose documents cross the rank edge
-   (a length-1 document, a document starting on the edge, a row that is one document) against the
+   (a length-1 document, a document starting on an edge, a row that is one document) against the
    single-GPU op on the whole batch: output and q/k/v gradients, max relative error (fails above
    5e-2, warns above 1e-2). With one process: FlexAttention vs the exact torch reference.
 2. ``softmax_op`` (rank 0): the local softmax op (FlexAttention with a document block mask,
    mmtrain.model.doc_attention.DocSoftmaxOp) against the model's SoftmaxOp (torch's
-   FlashAttention-2 varlen kernel on CUDA; the column keys still say per_doc_sdpa), on
+   FlashAttention-2 varlen kernel on CUDA; the JSON keys still say per_doc_sdpa), on
    packed batches of 4K–128K tokens, H = 64 query heads over 8 KV heads (MiniMax-Text-01's
    softmax layer), fwd+bwd ms and speed-up.
 3. ``lightning``: LASP+ and LASP fwd+bwd for H = 8 and 64 at 128K and 512K tokens per GPU, one
    document per row (the state chains across ranks). CP=1 is the local Triton op; CP=2 (two
-   processes) LASP+ (fused into the kernel's passes; "unfused": its separate state GEMMs,
-   ``MMTRAIN_LASP_FUSED=0``) and LASP. ns/token per GPU, per-GPU throughput relative to CP=1 (goal ≥ 0.9),
+   processes) LASP+ per partition (fused into the kernel's passes, and "unfused": its separate
+   state GEMMs, ``MMTRAIN_LASP_FUSED=0``) and LASP (contiguous). ns/token per GPU, per-GPU
+   throughput relative to CP=1 (goal ≥ 0.9),
    and the communication share: the collectives timed alone (LASP+: the fp32 state all-gathers
    of forward and backward; LASP: the state send/recv chain) over the op's time.
 4. ``ring``: Varlen Ring Attention on 256K tokens of packed documents of 1K–256K (log-uniform),
    H = 8 over 1 KV head (one TP=8 shard of MiniMax's softmax layer): CP=1 runs the whole batch on
    one GPU, CP=2 half per GPU; fraction of ideal scaling = t(CP=1) / (2·t(CP=2)) (goal ≥ 0.7),
-   with each rank's time and its attended (query, key) pairs (the causal load imbalance).
+   with each rank's time and its attended (query, key) pairs (the causal load imbalance), per
+   partition.
 
 The table is printed last; --out writes every number as JSON.
 """
@@ -50,7 +58,8 @@ from mmtrain.data.batch import Batch, position_ids_from_cu_seqlens
 from mmtrain.model.doc_attention import DocSoftmaxOp
 from mmtrain.model.ops import LightningOp, SoftmaxOp
 import mmtrain.parallel.context as context
-from mmtrain.parallel.context import ContextLightningOp, ContextParallel, make_plan, shard_batch
+from mmtrain.parallel.context import (CP_BALANCES, ContextLightningOp, ContextParallel, make_plan,
+                                     owned_pieces, shard_batch)
 from mmtrain.parallel.ring import ContextSoftmaxOp, causal_work
 
 K_DIM = 128
@@ -137,6 +146,15 @@ def rand(shape, seed, scale=1.0, dtype=torch.bfloat16):
     return (torch.randn(shape, generator=g, device=DEV) * scale).to(dtype)
 
 
+def partition(name):
+    """(cp_balance, rounds) of a --balance item: contiguous, zigzag, zigzagR."""
+    if name == "contiguous":
+        return "contiguous", 1
+    if name.startswith("zigzag") and (name[6:] == "" or name[6:].isdigit()) and name[6:] != "0":
+        return "zigzag", int(name[6:] or 1)
+    raise ValueError(name)
+
+
 def dev_cu(cu):
     """Device cu_seqlens carrying their host copy, as a batch moved by ``Batch.to`` does (the ops
     then never read them back: no host sync inside a timed op)."""
@@ -145,18 +163,38 @@ def dev_cu(cu):
     return t
 
 
-def local_piece(cu, rows, T):
+def local_piece(cu, rows, T, balance):
     """This rank's CP plan (on the device cu_seqlens) and its token indices, for ``rows`` rows
-    of T tokens (boundaries ``cu`` over the flattened rows) split over WORLD ranks."""
+    of T tokens (boundaries ``cu`` over the flattened rows) split over WORLD ranks under the
+    partition ``balance``."""
     tok = torch.zeros(rows, T, dtype=torch.int64)
     cu_t = torch.tensor(cu, dtype=torch.int32)
     pos = position_ids_from_cu_seqlens(cu_t, rows * T).view(rows, T)
-    local = shard_batch(Batch(tok, tok, tok.float(), cu_t, pos), WORLD, RANK)
-    Tl = T // WORLD
+    local = shard_batch(Batch(tok, tok, tok.float(), cu_t, pos), WORLD, RANK, *partition(balance))
+    Tl = local.cu_seqlens.cp_plan.Tl
     cu_l = dev_cu(local.cu_seqlens.tolist())
     cu_l.cp_plan = local.cu_seqlens.cp_plan
-    idx = torch.cat([torch.arange(b * T + RANK * Tl, b * T + (RANK + 1) * Tl) for b in range(rows)])
+    idx = torch.cat([torch.arange(b * T + v * Tl, b * T + (v + 1) * Tl) for b in range(rows)
+                     for v in owned_pieces(WORLD, RANK, *partition(balance))])
     return cu_l, idx.to(DEV)
+
+
+def cpx_for(balance):
+    b, k = partition(balance)
+    return ContextParallel(dist.group.WORLD if WORLD > 1 else None, WORLD, RANK, balance=b,
+                           rounds=k)
+
+
+def modes_for(balance):
+    """The lightning modes a partition runs: LASP+ (fused into the kernel's passes), LASP+
+    unfused (its separate state GEMMs, ``MMTRAIN_LASP_FUSED=0``) and LASP (contiguous only)."""
+    both = ("laspplus", "laspplus-unfused")
+    return both + ("lasp",) if balance == "contiguous" else both
+
+
+def lightning_op(mode, cpx):
+    """(op, fused flag) of a mode of :func:`modes_for`; the flag is set while the op runs."""
+    return ContextLightningOp(LightningOp(), cpx, mode.split("-")[0]), mode != "laspplus-unfused"
 
 
 def rel(a, b):
@@ -165,9 +203,9 @@ def rel(a, b):
 
 
 # ------------------------------------------------------------------------------------- checks
-def run_checks(sizes, cpx):
+def run_checks(sizes, balances):
     R = sizes["check_T"]  # row length; 3 rows
-    h = R // max(WORLD, 2)  # the first rank edge
+    h = R // max(WORLD, 2)  # the contiguous rank edge (a zigzag piece edge too)
     # row 0: a length-1 document, one starting exactly on the edge; row 1: one crossing the
     # edge; row 2: one document (the state / K/V chain runs through every rank)
     cu = [0, 1, h // 2, h, R, R + h - 5, R + h + 3, 2 * R, 3 * R]
@@ -181,21 +219,22 @@ def run_checks(sizes, cpx):
     w = rand((T, H, K_DIM), 4, 1.0, dt)
     slopes = slopes_for(H).to(DEV)
     cu_t = dev_cu(cu)
-    if WORLD > 1:
-        cu_l, sl = local_piece(cu, 3, R)
+    for balance in balances if WORLD > 1 else ():
+        cpx = cpx_for(balance)
+        cu_l, sl = local_piece(cu, 3, R, balance)
         ref = LightningOp()
         ins = [x.clone().requires_grad_() for x in (q, k, v)]
         o_ref, _ = ref(*(x[None] for x in ins), slopes, cu_t)
         (o_ref[0].float() * w.float()).sum().backward()
-        for mode in ("laspplus", "laspplus_generic", "lasp"):
-            context.FUSED = mode != "laspplus_generic"
-            op = ContextLightningOp(LightningOp(), cpx, mode.split("_")[0])
+        for mode in modes_for(balance):
+            op, context.FUSED = lightning_op(mode, cpx)
             li = [x[sl].clone().requires_grad_() for x in (q, k, v)]
             o, _ = op(*(x[None] for x in li), slopes, cu_l)
             context.FUSED = True
             (o[0].float() * w[sl].float()).sum().backward()
             err = max([rel(o[0], o_ref[0][sl])] + [rel(a.grad, b.grad[sl]) for a, b in zip(li, ins)])
-            results.append({"check": f"lightning {mode} CP={WORLD} vs 1 GPU", "max_rel_err": err})
+            results.append({"check": f"lightning {mode} {balance} CP={WORLD} vs 1 GPU",
+                            "max_rel_err": err})
         G = 1
         q2, k2, v2 = q, k[:, :G].contiguous(), v[:, :G].contiguous()
         ins = [x.clone().requires_grad_() for x in (q2, k2, v2)]
@@ -205,7 +244,8 @@ def run_checks(sizes, cpx):
         o = ContextSoftmaxOp(cpx)(*li, cu_l, 1 / math.sqrt(K_DIM))
         (o.float() * w[sl].float()).sum().backward()
         err = max([rel(o, o_ref[sl])] + [rel(a.grad, b.grad[sl]) for a, b in zip(li, ins)])
-        results.append({"check": f"ring attention CP={WORLD} vs 1 GPU", "max_rel_err": err})
+        results.append({"check": f"ring attention {balance} CP={WORLD} vs 1 GPU",
+                        "max_rel_err": err})
     # the local softmax op (FlexAttention on CUDA) against the exact torch reference
     G = 1
     q2, k2, v2 = q.float(), k[:, :G].float(), v[:, :G].float()
@@ -257,7 +297,7 @@ def bench_softmax_op(sizes, a):
 
 
 # -------------------------------------------------------------------------------- lightning
-def bench_lightning(sizes, a, cpx):
+def bench_lightning(sizes, a, balances):
     out = []
     for H in sizes["la_H"]:
         for Tg in sizes["la_T"]:  # tokens per GPU
@@ -278,21 +318,28 @@ def bench_lightning(sizes, a, cpx):
                 return f
             cu1 = dev_cu([0, Tg])
             row["cp1_ms"] = slowest(timeit(run(local, cu1), a.warmup, a.iters)) * 1e3
-            if WORLD > 1:
-                cu_l, _ = local_piece([0, Tg * WORLD], 1, Tg * WORLD)
-                for mode in ("laspplus", "laspplus_generic", "lasp"):
-                    # laspplus: fused into the kernel's passes; _generic: separate state GEMMs
-                    context.FUSED = mode != "laspplus_generic"
-                    op = ContextLightningOp(LightningOp(), cpx, mode.split("_")[0])
-                    row[f"{mode}_ms"] = slowest(timeit(run(op, cu_l), a.warmup, a.iters)) * 1e3
+            cpx = None
+            for balance in balances if WORLD > 1 else ():
+                cpx = cpx_for(balance)
+                cu_l, _ = local_piece([0, Tg * WORLD], 1, Tg * WORLD, balance)
+                for mode in modes_for(balance):
+                    op, context.FUSED = lightning_op(mode, cpx)
+                    key = f"{mode}_{balance}"
+                    row[f"{key}_ms"] = slowest(timeit(run(op, cu_l), a.warmup, a.iters)) * 1e3
                     context.FUSED = True
-                    row[f"{mode}_vs_cp1"] = row["cp1_ms"] / row[f"{mode}_ms"]
-                    row[f"{mode}_ns_per_token"] = row[f"{mode}_ms"] * 1e6 / Tg
-                # the collectives alone
-                st = torch.zeros(1, H, K_DIM, K_DIM, dtype=torch.float32, device=DEV)
+                    row[f"{key}_vs_cp1"] = row["cp1_ms"] / row[f"{key}_ms"]
+                    row[f"{key}_ns_per_token"] = row[f"{key}_ms"] * 1e6 / Tg
+                # the collectives alone (one state per local piece)
+                st = torch.zeros(cu_l.cp_plan.rows, H, K_DIM, K_DIM, dtype=torch.float32,
+                                 device=DEV)
                 ag = timeit(lambda: cpx.all_gather(st), a.warmup, a.iters)
-                row["laspplus_comm_ms"] = slowest(2 * ag) * 1e3  # forward + backward
-                row["laspplus_comm_share"] = row["laspplus_comm_ms"] / row["laspplus_ms"]
+                row[f"laspplus_{balance}_comm_ms"] = slowest(2 * ag) * 1e3  # fwd + bwd
+                for m in ("laspplus", "laspplus-unfused"):  # the same two all-gathers
+                    row[f"{m}_{balance}_comm_ms"] = row[f"laspplus_{balance}_comm_ms"]
+                    row[f"{m}_{balance}_comm_share"] = (row[f"laspplus_{balance}_comm_ms"]
+                                                        / row[f"{m}_{balance}_ms"])
+            if WORLD > 1 and "contiguous" in balances:
+                st = torch.zeros(1, H, K_DIM, K_DIM, dtype=torch.float32, device=DEV)
 
                 def chain():  # forward chain then backward chain of one state per rank
                     for order in (range(WORLD - 1), range(WORLD - 1, 0, -1)):
@@ -302,8 +349,9 @@ def bench_lightning(sizes, a, cpx):
                                 cpx.send(st, nxt).wait()
                             elif RANK == nxt:
                                 cpx.recv(st, r)
-                row["lasp_comm_ms"] = slowest(timeit(chain, a.warmup, a.iters)) * 1e3
-                row["lasp_comm_share"] = row["lasp_comm_ms"] / row["lasp_ms"]
+                row["lasp_contiguous_comm_ms"] = slowest(timeit(chain, a.warmup, a.iters)) * 1e3
+                row["lasp_contiguous_comm_share"] = (row["lasp_contiguous_comm_ms"]
+                                                     / row["lasp_contiguous_ms"])
             row["cp1_ns_per_token"] = row["cp1_ms"] * 1e6 / Tg
             log("lightning " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in row.items()))
@@ -315,7 +363,7 @@ def bench_lightning(sizes, a, cpx):
 
 
 # ------------------------------------------------------------------------------------- ring
-def bench_ring(sizes, a, cpx):
+def bench_ring(sizes, a, balances):
     T = sizes["ring_T"]  # whole batch (all GPUs)
     H, G = sizes["ring_heads"]
     lens = packed_lengths(T, sizes["ring_doc"][0], sizes["ring_doc"][1], seed=7)
@@ -325,8 +373,8 @@ def bench_ring(sizes, a, cpx):
     k = rand((T, G, K_DIM), 14, 0.3, dt)
     v = rand((T, G, K_DIM), 15, 1.0, dt)
     do = rand((T, H, K_DIM), 16, 1.0, dt)
-    row = {"T_total": T, "docs": len(lens), "max_doc": max(lens), "H": H, "G": G,
-           "cp": WORLD}
+    base = {"T_total": T, "docs": len(lens), "max_doc": max(lens), "H": H, "G": G,
+            "cp": WORLD}
 
     def run(op, cu_t, sl):
         qs, ks, vs = (x[sl].detach().clone().requires_grad_() for x in (q, k, v))
@@ -339,23 +387,28 @@ def bench_ring(sizes, a, cpx):
         return f
     cu_full = dev_cu(cu)
     if RANK == 0 or WORLD == 1:  # CP=1: the whole batch on one GPU
-        row["cp1_ms"] = timeit(run(DocSoftmaxOp(), cu_full, slice(0, T)), a.warmup, a.iters,
-                               together=False) * 1e3
+        base["cp1_ms"] = timeit(run(DocSoftmaxOp(), cu_full, slice(0, T)), a.warmup, a.iters,
+                                together=False) * 1e3
     else:
-        row["cp1_ms"] = 0.0
+        base["cp1_ms"] = 0.0
     barrier()
-    row["cp1_ms"] = slowest(row["cp1_ms"])
-    if WORLD > 1:
-        cu_l, sl = local_piece(cu, 1, T)
-        mine = timeit(run(ContextSoftmaxOp(cpx), cu_l, sl), a.warmup, a.iters)
-        per_rank = gather_floats(mine * 1e3)
-        row["cp_ms_per_rank"] = per_rank
-        row["cp_ms"] = max(per_rank)
-        row["ideal_fraction"] = row["cp1_ms"] / (WORLD * row["cp_ms"])
-        row["pairs_per_rank"] = causal_work(lambda r: make_plan(cu, 1, T, WORLD, r))
-        row["ring_hops"] = cu_l.cp_plan.ring_hops
-    log("ring " + ", ".join(f"{k}={v}" for k, v in row.items()))
-    return [row]
+    base["cp1_ms"] = slowest(base["cp1_ms"])
+    out = []
+    for balance in balances if WORLD > 1 else (None,):
+        row = dict(base, balance=balance)
+        if balance is not None:
+            cu_l, sl = local_piece(cu, 1, T, balance)
+            mine = timeit(run(ContextSoftmaxOp(cpx_for(balance)), cu_l, sl), a.warmup, a.iters)
+            per_rank = gather_floats(mine * 1e3)
+            row["cp_ms_per_rank"] = per_rank
+            row["cp_ms"] = max(per_rank)
+            row["ideal_fraction"] = row["cp1_ms"] / (WORLD * row["cp_ms"])
+            row["pairs_per_rank"] = causal_work(lambda r: make_plan(cu, 1, T, WORLD, r,
+                                                                    *partition(balance)))
+            row["ring_hops"] = cu_l.cp_plan.ring_hops
+        log("ring " + ", ".join(f"{k}={v}" for k, v in row.items()))
+        out.append(row)
+    return out
 
 
 # ------------------------------------------------------------------------------------- main
@@ -374,26 +427,25 @@ def table(res):
     if res["softmax_op"]:
         lines += ["", "local softmax op, fwd+bwd (H=%d over G=%d KV heads, d=128)" % (
             res["softmax_op"][0]["H"], res["softmax_op"][0]["G"]),
-            f"{'T':>8} {'docs':>5} {'FlexAttention ms':>17} {'per-doc SDPA ms':>16} {'speed-up':>9}"]
+            f"{'T':>8} {'docs':>5} {'FlexAttention ms':>17} {'SoftmaxOp ms':>16} {'speed-up':>9}"]
         for r in res["softmax_op"]:
             lines.append(f"{r['T']:>8} {r['docs']:>5} {r['doc_op_ms']:>17.3f} "
                          f"{r['per_doc_sdpa_ms']:>16.3f} {r['speedup']:>9.2f}")
     lines += ["", f"lightning fwd+bwd, one document per row, CP={WORLD} (ns/token per GPU; "
               f"vs CP=1 = per-GPU throughput relative to one GPU; comm = collectives alone / op)",
-              f"{'H':>3} {'T/GPU':>8} {'CP=1 ns/tok':>12} " + (
-                  f"{'LASP+ ns/tok':>13} {'vs CP=1':>8} {'comm':>6} {'unfused vs CP=1':>16} "
-                  f"{'LASP ns/tok':>12} {'vs CP=1':>8} {'comm':>6}" if WORLD > 1 else "")]
+              f"{'H':>3} {'T/GPU':>8} {'CP=1 ns/tok':>12} " + "".join(
+                  f"{name + ' ns/tok':>{len(name) + 8}} {'vs CP=1':>8} {'comm':>6} "
+                  for _, name in res["lightning_columns"])]
     for r in res["lightning"]:
         s = f"{r['H']:>3} {r['T_per_gpu']:>8} {r['cp1_ns_per_token']:>12.3f} "
-        if WORLD > 1:
-            s += (f"{r['laspplus_ns_per_token']:>13.3f} {r['laspplus_vs_cp1']:>8.3f} "
-                  f"{r['laspplus_comm_share']:>6.1%} {r['laspplus_generic_vs_cp1']:>16.3f} "
-                  f"{r['lasp_ns_per_token']:>12.3f} "
-                  f"{r['lasp_vs_cp1']:>8.3f} {r['lasp_comm_share']:>6.1%}")
+        for key, name in res["lightning_columns"]:
+            s += (f"{r[key + '_ns_per_token']:>{len(name) + 8}.3f} {r[key + '_vs_cp1']:>8.3f} "
+                  f"{r[key + '_comm_share']:>6.1%} ")
         lines.append(s)
     for r in res["ring"]:
         lines += ["", f"varlen ring attention fwd+bwd: {r['T_total']} tokens, {r['docs']} docs "
-                  f"(max {r['max_doc']}), H={r['H']} over G={r['G']}",
+                  f"(max {r['max_doc']}), H={r['H']} over G={r['G']}"
+                  + (f", {r['balance']} partition" if r["balance"] else ""),
                   f"CP=1 (whole batch, one GPU): {r['cp1_ms']:.3f} ms"]
         if WORLD > 1:
             lines.append(f"CP={WORLD}: {r['cp_ms']:.3f} ms (per rank {', '.join(f'{x:.3f}' for x in r['cp_ms_per_rank'])}); "
@@ -413,7 +465,16 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--skip", default="", help="comma list of sections to skip: softmax_op, "
                     "lightning, ring")
+    ap.add_argument("--balance", default="zigzag,zigzag2,contiguous",
+                    help="comma list of CP partitions to measure (parallel.cp_balance): zigzag, "
+                    "zigzagR (R rounds), contiguous")
     a = ap.parse_args()
+    balances = [b for b in a.balance.split(",") if b]
+    try:
+        assert balances and all(partition(b)[0] in CP_BALANCES for b in balances)
+    except (AssertionError, ValueError):
+        raise SystemExit(f"--balance: {a.balance!r}; give a comma list of zigzag, zigzagR "
+                         f"(R rounds, e.g. zigzag2) and contiguous") from None
     RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if a.cpu_smoke:
         DEV = torch.device("cpu")
@@ -428,23 +489,26 @@ def main():
     if WORLD > 1:
         dist.init_process_group(backend, timeout=datetime.timedelta(
             seconds=60 if a.cpu_smoke else 600))
-    cpx = ContextParallel(dist.group.WORLD if WORLD > 1 else None, WORLD, RANK)
     sizes = SIZES["smoke" if a.cpu_smoke else "gpu"]
     skip = set(filter(None, a.skip.split(",")))
     t0 = time.time()
     res = {"device": torch.cuda.get_device_name(DEV) if DEV.type == "cuda" else platform.processor() or "cpu",
            "world": WORLD, "torch": torch.__version__, "python": platform.python_version(),
-           "backend": backend, "warmup": a.warmup, "iters": a.iters}
+           "backend": backend, "warmup": a.warmup, "iters": a.iters, "balances": balances}
+    names = {"laspplus": "LASP+", "laspplus-unfused": "LASP+ unfused", "lasp": "LASP"}
+    res["lightning_columns"] = ([(f"{m}_{b}", names[m]
+                                  + f" {b[:3]}{b[6:]}") for b in balances for m in modes_for(b)]
+                                if WORLD > 1 else [])
     try:
         import triton
         res["triton"] = triton.__version__
     except Exception:  # noqa: BLE001
         res["triton"] = None
-    res["checks"] = run_checks(sizes, cpx)
+    res["checks"] = run_checks(sizes, balances)
     res["softmax_op"] = [] if "softmax_op" in skip else bench_softmax_op(sizes, a)
     barrier()
-    res["lightning"] = [] if "lightning" in skip else bench_lightning(sizes, a, cpx)
-    res["ring"] = [] if "ring" in skip else bench_ring(sizes, a, cpx)
+    res["lightning"] = [] if "lightning" in skip else bench_lightning(sizes, a, balances)
+    res["ring"] = [] if "ring" in skip else bench_ring(sizes, a, balances)
     res["wall_s"] = time.time() - t0
     if RANK == 0:
         print(table(res), flush=True)

@@ -1,11 +1,14 @@
 """Context-parallel layouts reproduce the single-process run through the CLI under torchrun
-(gloo, CPU), and checkpoints reshard between cp=2 and one process.
+(gloo, CPU), and checkpoints reshard between cp=2 and one process (both under the default zigzag
+partition).
 
 The corpus is a .jsonl whose document lengths are chosen so that, in rows of 32 tokens split
-over cp=2 (16 per rank) and cp=4 (8 per rank), documents cross rank edges, a 2-token document
-straddles the cp=2 edge (a length-1 piece on each side), a document starts exactly on a rank
-edge, a row is one document (the state and K/V chain through every rank), and a row starts with
-a length-1 piece. The 8 rows are all seen in the 4 steps (2 epochs). Model: a lightning and a
+over cp=2 (contiguous: 16 per rank; zigzag: pieces of 8) and cp=4 (contiguous: 8 per rank;
+zigzag: pieces of 4), documents cross piece edges, a 2-token document straddles the middle edge
+16 (a length-1 piece on each side), a document starts exactly on a piece edge (24), a row is one
+document (the state and K/V chain through every piece), and a row starts with a length-1 piece.
+Zigzag runs cp=2, cp=4, cp=2 × tp=2 and cp=2 × dp=2 (LASP+; the last with two zigzag rounds:
+8 pieces of 4); the contiguous partition runs cp=4 with LASP (its only partition). The 8 rows are all seen in the 4 steps (2 epochs). Model: a lightning and a
 softmax layer, 4 heads over 2 KV heads (TP=2 splits the KV heads), dropless MoE. No gradient
 accumulation (``train.micro_batch=null``: 4 rows per micro-batch, 2 per DP rank at dp=2; the
 global-batch aux loss is exact only without accumulation), so every CP rank's piece list holds
@@ -118,14 +121,15 @@ def reference(corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cp2_run(reference, tmp_path_factory):
-    """parallel.cp=2 (LASP+) for STEPS steps; its start-up output and run directory."""
+    """parallel.cp=2 (LASP+, zigzag: the defaults) for STEPS steps; its start-up output and run
+    directory."""
     run = tmp_path_factory.mktemp("cp2") / "run"
     out = _torchrun(2, reference["ovr"] + ["parallel.cp=2", f"train.max_steps={STEPS}"], run)
     return out, run
 
 
-def _assert_matches_reference(reference, run, out, cp):
-    assert f"cp{cp}" in out.stdout and "context parallel" in out.stdout  # the start-up line
+def _assert_matches_reference(reference, run, out, cp, balance="zigzag"):
+    assert f"cp{cp}" in out.stdout and f"context parallel ({balance} partition" in out.stdout
     _assert_close_losses(_losses(run), reference["losses"][:STEPS])
     final = ckpt.latest(run)
     assert final.name == f"step_{STEPS:08d}"
@@ -137,17 +141,20 @@ def test_cp2_matches_single_process(reference, cp2_run):
     _assert_matches_reference(reference, run, out, 2)
 
 
-# LASP+ and LASP both: each layout runs one of them (the op tests run both at cp=2 and cp=4).
+# Zigzag (the default) with LASP+ in three layouts, and the contiguous partition with LASP (the
+# op tests run both partitions, and both lightning modes under contiguous, at cp=2 and cp=4).
 @pytest.mark.parametrize("nproc,args", [
-    (4, ["parallel.cp=4", "parallel.cp_lightning=lasp"]),
+    (4, ["parallel.cp=4"]),
     (4, ["parallel.cp=2", "parallel.tp=2"]),
-    (4, ["parallel.cp=2", "parallel.dp=2", "parallel.zero1=true", "parallel.cp_lightning=lasp"]),
-], ids=["cp4_lasp", "cp2_tp2", "cp2_dp2_zero1_lasp"])
+    (4, ["parallel.cp=2", "parallel.dp=2", "parallel.zero1=true", "parallel.cp_zigzag_rounds=2"]),
+    (4, ["parallel.cp=4", "parallel.cp_lightning=lasp", "parallel.cp_balance=contiguous"]),
+], ids=["cp4", "cp2_tp2", "cp2_dp2_zero1_rounds2", "cp4_contiguous_lasp"])
 def test_cp_layout_matches_single_process(reference, tmp_path, nproc, args):
     run = tmp_path / "run"
     out = _torchrun(nproc, reference["ovr"] + args + [f"train.max_steps={STEPS}"], run)
     cp = int(next(a for a in args if a.startswith("parallel.cp=")).split("=")[1])
-    _assert_matches_reference(reference, run, out, cp)
+    balance = "contiguous" if "parallel.cp_balance=contiguous" in args else "zigzag"
+    _assert_matches_reference(reference, run, out, cp, balance)
 
 
 @pytest.mark.parametrize("args", [["parallel.cp=2", "train.recompute=full"],

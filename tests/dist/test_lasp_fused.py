@@ -1,7 +1,8 @@
 """The fused LASP+ path (state GEMMs inside the Triton kernel's passes, ``_LaspPlusFused``)
 against the single-process op, in the Triton interpreter under gloo (2 and 4 CP ranks).
 
-The batch of tests/dist/test_context_ops.py: 3 rows × 24 tokens, documents that cross CP edges,
+The batch of tests/dist/test_context_ops.py: 3 rows × 24 tokens, documents that cross CP edges
+(contiguous chunks, and the zigzag partition with one and two rounds),
 a length-1 document, a document starting exactly at an edge, a row that is one document (the
 state chain runs through every rank). Each rank runs its piece with the kernel's two-pass plan
 (items of 4 tokens, ``MMTRAIN_LA_SEG=4``, so a piece's first and last segments span several
@@ -22,7 +23,7 @@ from tests.conftest import free_port
 from tests.dist.test_context_ops import CU, ROWS, T, _data, _local_index, _rel
 
 
-def _run(rank, world, port, seg, out):
+def _run(rank, world, port, seg, balance, rounds, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1")
     if seg:
         os.environ["MMTRAIN_LA_SEG"] = str(seg)
@@ -37,9 +38,9 @@ def _run(rank, world, port, seg, out):
     cu = torch.tensor(CU, dtype=torch.int32)
     pos = position_ids_from_cu_seqlens(cu, ROWS * T).view(ROWS, T)
     tok = torch.zeros(ROWS, T, dtype=torch.int64)
-    local = shard_batch(Batch(tok, tok, tok.float(), cu, pos), cp, rank)
-    idx = _local_index(rank, cp)
-    cpx = ContextParallel(dist.group.WORLD, cp, rank)
+    local = shard_batch(Batch(tok, tok, tok.float(), cu, pos), cp, rank, balance, rounds)
+    idx = _local_index(rank, cp, balance, rounds)
+    cpx = ContextParallel(dist.group.WORLD, cp, rank, balance=balance, rounds=rounds)
     H, K = 2, 32
     q, k, v, w = _data(H, H, K, torch.float32, seed=11)
     slopes = torch.tensor([0.05, 0.3])
@@ -65,11 +66,12 @@ def _run(rank, world, port, seg, out):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("cp,seg", [(2, 4), (2, 0), (4, 4)])
-def test_fused_laspplus_matches_single_process(cp, seg):
+@pytest.mark.parametrize("cp,seg,balance,rounds", [(2, 4, "contiguous", 1), (2, 0, "zigzag", 2),
+                                                  (4, 4, "zigzag", 1)])
+def test_fused_laspplus_matches_single_process(cp, seg, balance, rounds):
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_run, args=(cp, free_port(), seg, out), nprocs=cp, join=True)
+        mp.spawn(_run, args=(cp, free_port(), seg, balance, rounds, out), nprocs=cp, join=True)
         for rank in range(cp):
             res = dict(out[rank])
             assert res["fused_calls"] == 1, res  # the fused path ran (once: fused=True)

@@ -43,6 +43,25 @@ def test_unknown_cp_lightning_fails_naming_the_field():
         load_config(TINY + ["parallel.cp=2", "parallel.cp_lightning=ring"])
 
 
+def test_cp_balance_is_validated_naming_the_field():
+    with pytest.raises(ConfigError, match="^parallel.cp_balance: unknown 'ring'; use zigzag or "
+                                          "contiguous"):
+        load_config(TINY + ["parallel.cp=2", "parallel.cp_balance=ring"])
+    # LASP runs over contiguous chunks only: the error says which field to set
+    with pytest.raises(ConfigError, match="^parallel.cp_balance: LASP .*set "
+                                          "parallel.cp_balance=contiguous"):
+        load_config(TINY + ["parallel.cp=2", "parallel.cp_lightning=lasp"])
+    load_config(TINY + ["parallel.cp=2", "parallel.cp_lightning=lasp",
+                        "parallel.cp_balance=contiguous"])
+    assert load_config(TINY).parallel.cp_balance == "zigzag"  # the default
+    with pytest.raises(ConfigError, match="^parallel.cp_zigzag_rounds: must be >= 1"):
+        load_config(TINY + ["parallel.cp=2", "parallel.cp_zigzag_rounds=0"])
+    with pytest.raises(ConfigError, match="^parallel.cp_zigzag_rounds: 2 rounds need "
+                                          "parallel.cp_balance=zigzag"):
+        load_config(TINY + ["parallel.cp=2", "parallel.cp_balance=contiguous",
+                            "parallel.cp_zigzag_rounds=2"])
+
+
 def test_overlap_groups_must_be_positive():
     with pytest.raises(ConfigError, match="^parallel.moe_overlap_groups:"):
         load_config(TINY + ["parallel.moe_overlap_groups=0"])

@@ -18,13 +18,23 @@ def test_bench_context_cpu_smoke_two_processes(tmp_path):
     res = json.loads(out.read_text())
     assert res["world"] == 2
     names = [c["check"] for c in res["checks"]]
-    assert any("laspplus" in n for n in names) and any("ring" in n for n in names)
+    for part in ("zigzag", "zigzag2", "contiguous"):  # every partition, checked on the device
+        assert any(f"laspplus {part} " in n for n in names), names
+        assert any(f"ring attention {part} " in n for n in names), names
+    assert any("lasp contiguous" in n for n in names), names
     assert all(c["max_rel_err"] < 1e-5 for c in res["checks"]), res["checks"]
     assert res["softmax_op"] and res["lightning"] and res["ring"]
     row = res["lightning"][0]
-    for key in ("cp1_ms", "laspplus_ms", "lasp_ms", "laspplus_comm_share", "lasp_comm_share"):
+    for key in ("cp1_ms", "laspplus_zigzag_ms", "laspplus_zigzag2_ms", "laspplus_contiguous_ms",
+                "lasp_contiguous_ms",
+                "laspplus_zigzag_comm_share", "lasp_contiguous_comm_share"):
         assert row[key] > 0, key
-    ring = res["ring"][0]
-    assert len(ring["cp_ms_per_rank"]) == 2 and ring["ideal_fraction"] > 0
-    assert sum(ring["pairs_per_rank"]) > 0
-    assert "varlen ring attention" in p.stdout  # the table is printed
+    rings = {r["balance"]: r for r in res["ring"]}
+    assert set(rings) == {"zigzag", "zigzag2", "contiguous"}
+    for ring in rings.values():
+        assert len(ring["cp_ms_per_rank"]) == 2 and ring["ideal_fraction"] > 0
+    # the same attended pairs in total, spread more evenly by zigzag
+    zig, cont = rings["zigzag"]["pairs_per_rank"], rings["contiguous"]["pairs_per_rank"]
+    assert sum(zig) == sum(cont) == sum(rings["zigzag2"]["pairs_per_rank"]) > 0
+    assert max(zig) / min(zig) < max(cont) / min(cont), (zig, cont)
+    assert "varlen ring attention" in p.stdout and "zigzag partition" in p.stdout  # the table

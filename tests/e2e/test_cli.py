@@ -45,11 +45,26 @@ def test_info_prints_layout_and_counts():
 
 
 def test_info_shows_the_context_parallel_layout_and_checks_it():
-    out = run_cli("info", "parallel.cp=4", "data.seq_len=1024", "parallel.cp_lightning=lasp")
+    out = run_cli("info", "parallel.cp=4", "data.seq_len=1024", "parallel.cp_lightning=lasp",
+                  "parallel.cp_balance=contiguous")
     assert out.returncode == 0, out.stderr
-    assert ("cp4" in out.stdout and "256 contiguous tokens of every 1024-token row" in out.stdout
+    assert ("cp4" in out.stdout and "contiguous partition" in out.stdout
+            and "256 contiguous tokens of every 1024-token row" in out.stdout
             and "lightning LASP," in out.stdout and "varlen ring attention" in out.stdout)
-    bad = run_cli("info", "parallel.cp=3", "data.seq_len=1024")
+    out = run_cli("info", "parallel.cp=4", "data.seq_len=1024")  # the default: zigzag, LASP+
+    assert out.returncode == 0, out.stderr
+    assert ("zigzag partition: every 1024-token row in 8 pieces of 128, rank r holds pieces r "
+            "and 7-r" in out.stdout and "lightning LASP+," in out.stdout)
+    bad = run_cli("info", "parallel.cp=4", "data.seq_len=1032", "parallel.cp_zigzag_rounds=2")
+    assert bad.returncode == 2  # 1032 = 8·129: one round splits, two (16 pieces) do not
+    assert bad.stderr.strip().startswith("error: data.seq_len: 1032 tokens per row do not split "
+                                         "into 2·cp × parallel.cp_zigzag_rounds=2 = 16 pieces")
+    bad = run_cli("info", "parallel.cp=3", "data.seq_len=1024", "parallel.cp_balance=contiguous")
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error: data.seq_len: 1024 tokens per row do not split "
                                          "over parallel.cp=3"), bad.stderr
+    bad = run_cli("info", "parallel.cp=3", "data.seq_len=1023")  # 1023 = 3·341, odd
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("error: data.seq_len: 1023 tokens per row do not split "
+                                         "into 2·cp = 6 pieces"), bad.stderr
+    assert "parallel.cp_balance=contiguous" in bad.stderr
