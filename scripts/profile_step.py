@@ -20,10 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def kind(name: str) -> str:
     n = name.lower()
+    if any(w in n for w in ("flash", "fmha", "attention", "_scan", "sdpa")):  # before "cutlass"
+        return "attention"
     if any(w in n for w in ("nvjet", "gemm", "cutlass", "sm90", "xmma", "grouped")):
         return "gemm"
-    if any(w in n for w in ("flash", "fmha", "attention", "_scan", "sdpa")):
-        return "attention"
     if "nccl" in n:
         return "communication"
     if any(w in n for w in ("index", "gather", "scatter", "sort", "radix", "cumsum")):
@@ -95,7 +95,8 @@ def main():
     ev = prof.key_averages()
     kern = [(e.key, e.self_device_time_total, e.count) for e in ev
             if e.self_device_time_total > 0
-            and not e.key.startswith(("aten::", "autograd::", "cudaLaunch"))]
+            and not e.key.startswith(("aten::", "autograd::", "cudaLaunch"))
+            and e.key != "Command Buffer Full"]  # the host waiting on a full queue, not a kernel
     by_kind, total = collections.Counter(), 0
     for k, t, _ in kern:
         by_kind[kind(k)] += t
