@@ -103,8 +103,9 @@ class PlanConfig:
     top: int = 5
     max_tp: Optional[int] = None  # null: cluster.gpus_per_node
     max_etp: Optional[int] = None  # null: cluster.gpus_per_node
-    cp_balanced: bool = False  # false: contiguous CP chunks, causal softmax work imbalanced
-    fused_ce: bool = False  # true: a chunked/fused cross-entropy (issue 9 scope 3)
+    # null: as the recipe trains (parallel.cp_balance != contiguous; train.fused_ce)
+    cp_balanced: Optional[bool] = None  # false: contiguous CP chunks, causal work imbalanced
+    fused_ce: Optional[bool] = None  # true: the chunked linear cross-entropy (train.fused_ce)
 
     def validate(self, path: str = "plan") -> None:
         if self.recompute not in RECOMPUTE + ("auto",):

@@ -166,7 +166,11 @@ def parse_request(args: list) -> PlanRequest:
         if pins["dp"] == -1:
             del pins["dp"]
         if opts.recompute == "auto":
-            opts.recompute = "none"  # mmtrain today: no recomputation
+            opts.recompute = cfg.train.recompute  # the recipe's own setting
+    if opts.fused_ce is None:
+        opts.fused_ce = bool(cfg.train.fused_ce)
+    if opts.cp_balanced is None:
+        opts.cp_balanced = cfg.parallel.cp_balance != "contiguous"
     return PlanRequest(cfg, cluster, opts, Stage(seq, rows), pins, cfg.train.micro_batch)
 
 

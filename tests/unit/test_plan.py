@@ -250,6 +250,28 @@ def test_parse_request_pins_only_what_was_given():
     assert res["results"][0]["layout"].tp == 2
 
 
+def test_one_layout_plan_follows_the_recipe_memory_switches():
+    """With plan.search=false the plan models what the recipe trains: its train.recompute, its
+    train.fused_ce (the chunked loss has a smaller transient than full logits) and its CP
+    partition; explicit plan.* settings still win."""
+    base = ["model=tiny", "plan.search=false", "cluster.gpus=2", "parallel.cp=2",
+            "data.seq_len=8192"]
+    req = parse_request(base + ["train.recompute=full", "parallel.cp_balance=contiguous"])
+    assert req.opts.recompute == "full" and req.opts.cp_balanced is False
+    assert req.opts.fused_ce is True  # train.fused_ce's default
+    assert plan(req)[1]["results"][0]["layout"].recompute == "full"
+    full_logits = parse_request(base + ["train.fused_ce=false"])
+    assert full_logits.opts.fused_ce is False and full_logits.opts.cp_balanced is True
+    pinned = parse_request(base + ["train.recompute=full", "plan.recompute=none",
+                                   "plan.fused_ce=false"])
+    assert pinned.opts.recompute == "none" and pinned.opts.fused_ce is False
+    def loss_transient(r):  # the head's transient bytes (loss and logits) of the planned layout
+        pl, res = plan(r)
+        return pl.head_activations(res["results"][0]["layout"])[1]
+
+    assert loss_transient(parse_request(base)) < loss_transient(full_logits)
+
+
 def test_lightning_and_moe_activations_from_the_saved_tensors():
     """One lightning layer of the 1 B benchmark config at tp 1 (mmtrain today, no recompute),
     summed from the list of tensors autograd keeps (docs/plan.md), bytes per micro-batch."""
