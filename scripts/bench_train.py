@@ -62,7 +62,8 @@ def worker(args, overrides):
         tps = statistics.median(r["tokens_per_s"] for r in steady)
         mfu = statistics.median(r["mfu"] for r in steady) if steady[0]["mfu"] else None
         out = {"layout": args.layout, "tp": cfg.parallel.tp,
-               "dp": (dist.get_world_size() if multi else 1) // cfg.parallel.tp,
+               "dp": ((dist.get_world_size() if multi else 1)
+                      // (cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.pp)),
                "tokens_per_s": tps, "mfu": mfu, "peak_mem_gib": float(peak.item()),
                "step_time_s": statistics.median(r["step_time_s"] for r in steady),
                "losses": [r["loss"] for r in recs], "device": torch.cuda.get_device_name(),
