@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from mmtrain.recipe import load_config
 from mmtrain.train import checkpoint as ckpt
@@ -53,11 +54,19 @@ def test_signal_checkpoints_and_resumes(tmp_path, sig):
     assert "run the same command again to resume" in out
     how = "stopped on request" if sig == signal.SIGINT else "preempted"
     assert f"{how} at step {steps[-1]}: all ranks saved checkpoint {latest}" in out
-    # resuming continues at the next step and matches an uninterrupted run of the same length
+    # resuming continues at the next step and matches an uninterrupted run of the same length,
+    # bitwise: single-threaded like the subprocess that wrote the checkpoint (CPU kernels may
+    # round differently with another thread count)
     n = steps[-1]
-    resumed = train(load_config(SMALL + [f"train.max_steps={n + 2}", f"run.dir={run}"]))
-    assert [s for s, _ in resumed.losses] == [n + 1, n + 2]
-    full = train(load_config(SMALL + [f"train.max_steps={n + 2}", f"run.dir={tmp_path / 'full'}"]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        resumed = train(load_config(SMALL + [f"train.max_steps={n + 2}", f"run.dir={run}"]))
+        assert [s for s, _ in resumed.losses] == [n + 1, n + 2]
+        full = train(load_config(SMALL + [f"train.max_steps={n + 2}",
+                                          f"run.dir={tmp_path / 'full'}"]))
+    finally:
+        torch.set_num_threads(threads)
     assert full.losses[-2:] == resumed.losses
 
 
