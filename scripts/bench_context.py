@@ -57,7 +57,7 @@ import torch.distributed as dist
 from mmtrain.data.batch import Batch, position_ids_from_cu_seqlens
 from mmtrain.model.doc_attention import DocSoftmaxOp
 from mmtrain.model.ops import LightningOp, SoftmaxOp
-import mmtrain.parallel.context as context
+import mmtrain.parallel.lasp_fused as lasp_fused
 from mmtrain.parallel.context import (CP_BALANCES, ContextLightningOp, ContextParallel, make_plan,
                                      owned_pieces, shard_batch)
 from mmtrain.parallel.ring import ContextSoftmaxOp, causal_work
@@ -227,10 +227,10 @@ def run_checks(sizes, balances):
         o_ref, _ = ref(*(x[None] for x in ins), slopes, cu_t)
         (o_ref[0].float() * w.float()).sum().backward()
         for mode in modes_for(balance):
-            op, context.FUSED = lightning_op(mode, cpx)
+            op, lasp_fused.FUSED = lightning_op(mode, cpx)
             li = [x[sl].clone().requires_grad_() for x in (q, k, v)]
             o, _ = op(*(x[None] for x in li), slopes, cu_l)
-            context.FUSED = True
+            lasp_fused.FUSED = True
             (o[0].float() * w[sl].float()).sum().backward()
             err = max([rel(o[0], o_ref[0][sl])] + [rel(a.grad, b.grad[sl]) for a, b in zip(li, ins)])
             results.append({"check": f"lightning {mode} {balance} CP={WORLD} vs 1 GPU",
@@ -323,10 +323,10 @@ def bench_lightning(sizes, a, balances):
                 cpx = cpx_for(balance)
                 cu_l, _ = local_piece([0, Tg * WORLD], 1, Tg * WORLD, balance)
                 for mode in modes_for(balance):
-                    op, context.FUSED = lightning_op(mode, cpx)
+                    op, lasp_fused.FUSED = lightning_op(mode, cpx)
                     key = f"{mode}_{balance}"
                     row[f"{key}_ms"] = slowest(timeit(run(op, cu_l), a.warmup, a.iters)) * 1e3
-                    context.FUSED = True
+                    lasp_fused.FUSED = True
                     row[f"{key}_vs_cp1"] = row["cp1_ms"] / row[f"{key}_ms"]
                     row[f"{key}_ns_per_token"] = row[f"{key}_ms"] * 1e6 / Tg
                 # the collectives alone (one state per local piece)

@@ -271,6 +271,7 @@ class Plan:
         self.two_pass = two_pass or self.n_items != self.n_seq  # forced: a state hook needs it
         self.seg_len = seg_len
         self.host_bos, self.host_eos, self.host_seq_items = bos, eos, seq_items
+        self.cache: dict = {}  # derived device tensors of callers (parallel.lasp_fused)
         idx = torch.tensor([bos, eos], dtype=torch.int32)
         self.item_bos = idx[0].to(device)
         self.item_eos = idx[1].to(device)
@@ -375,28 +376,31 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
             final.copy_(initial_state.float() if initial_state is not None else 0.)
         return (o, final, None) if keep_items_in else (o, final)
     dummy = slog2
+
+    def out_pass(s_init, store_final: bool):
+        """The output pass from per-item initial states ``s_init`` (or none)."""
+        st = s_init.stride() if s_init is not None else (0, 0, 0, 0)
+        _jit(_scan_out)[(NV, I, H)](
+            q, k, v, o, slog2, plan.item_bos, plan.item_eos,
+            s_init if s_init is not None else dummy, *st, final if store_final else dummy,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_INIT=s_init is not None,
+            STORE_FINAL=store_final, REVERSE=reverse, **common, **launch)
+
+    def done(fin, s_in=None):
+        return (o, fin, s_in) if keep_items_in else (o, fin)
+
     if items_in is not None:
         if output_final_state or state_hook is not None:
             raise ValueError("scan_attention: items_in runs the out pass alone (no final state, "
                              "no hook)")
-        _jit(_scan_out)[(NV, I, H)](
-            q, k, v, o, slog2, plan.item_bos, plan.item_eos,
-            items_in, *items_in.stride(), dummy,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_INIT=True,
-            STORE_FINAL=False, REVERSE=reverse, **common, **launch)
-        return (o, None, None) if keep_items_in else (o, None)
+        out_pass(items_in, False)
+        return done(None)
     if state_hook is not None and not plan.two_pass:
         raise ValueError("scan_attention: a state hook needs a two-pass plan (get_plan(..., "
                          "two_pass=True))")
     if not plan.two_pass:
-        s0 = initial_state
-        st = s0.stride() if s0 is not None else (0, 0, 0, 0)
-        _jit(_scan_out)[(NV, I, H)](
-            q, k, v, o, slog2, plan.item_bos, plan.item_eos,
-            s0 if s0 is not None else dummy, *st, final if final is not None else dummy,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_INIT=s0 is not None,
-            STORE_FINAL=output_final_state, REVERSE=reverse, **common, **launch)
-        return (o, final, None) if keep_items_in else (o, final)
+        out_pass(initial_state, output_final_state)
+        return done(final)
     # two pass: local item states, chain them per sequence, then the outputs
     SBK, SBV = min(BK, 64), min(triton.next_power_of_2(V), 64)
     SNK, SNV = triton.cdiv(K, SBK), triton.cdiv(V, SBV)
@@ -412,9 +416,5 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
         s0 if s0 is not None else dummy, *st, final if final is not None else dummy,
         H=H, K=K, V=V, BK=SBK, BV=SBV, NV=SNV, HAS_INIT=s0 is not None,
         STORE_FINAL=output_final_state, REVERSE=reverse, num_warps=4)
-    _jit(_scan_out)[(NV, I, H)](
-        q, k, v, o, slog2, plan.item_bos, plan.item_eos,
-        s_in, *s_in.stride(), dummy,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_INIT=True,
-        STORE_FINAL=False, REVERSE=reverse, **common, **launch)
-    return (o, final, s_in) if keep_items_in else (o, final)
+    out_pass(s_in, False)
+    return done(final, s_in)

@@ -51,28 +51,37 @@ def _rel(a, b):
     return float((a - b).abs().max() / max(float(b.abs().max()), 1e-30))
 
 
+def _rank_piece(rank, cp, balance, rounds):
+    """(cu_seqlens, position ids, this rank's sharded batch, its global token indices, its
+    ContextParallel) of the test batch; the process group must exist."""
+    from mmtrain.data.batch import Batch, position_ids_from_cu_seqlens
+    from mmtrain.parallel.context import ContextParallel, shard_batch
+
+    cu = torch.tensor(CU, dtype=torch.int32)
+    pos = position_ids_from_cu_seqlens(cu, ROWS * T).view(ROWS, T)
+    tok = torch.zeros(ROWS, T, dtype=torch.int64)
+    local = shard_batch(Batch(tok, tok, tok.float(), cu, pos), cp, rank, balance, rounds)
+    idx = _local_index(rank, cp, balance, rounds)
+    cpx = ContextParallel(dist.group.WORLD, cp, rank, balance=balance, rounds=rounds)
+    return cu, pos, local, idx, cpx
+
+
 def _check_ops(rank, world, port, balance, rounds, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
-    from mmtrain.data.batch import Batch, position_ids_from_cu_seqlens
     from mmtrain.model.doc_attention import DocSoftmaxOp
     from mmtrain.model.ops import LightningOp
-    from mmtrain.parallel.context import ContextLightningOp, ContextParallel, shard_batch
+    from mmtrain.parallel.context import ContextLightningOp
     from mmtrain.parallel.ring import ContextSoftmaxOp
 
     import mmtrain.parallel.context as context
 
     context._CHUNK = 5  # the LASP+ correction runs in row chunks: exercise several per piece
     cp = world
-    cu = torch.tensor(CU, dtype=torch.int32)
-    pos = position_ids_from_cu_seqlens(cu, ROWS * T).view(ROWS, T)
-    tok = torch.zeros(ROWS, T, dtype=torch.int64)
-    local = shard_batch(Batch(tok, tok, tok.float(), cu, pos), cp, rank, balance, rounds)
-    idx = _local_index(rank, cp, balance, rounds)
+    cu, pos, local, idx, cpx = _rank_piece(rank, cp, balance, rounds)
     # position ids continue across the edge: they are the global ones, sliced
     assert torch.equal(local.position_ids.reshape(-1), pos.reshape(-1)[idx])
-    cpx = ContextParallel(dist.group.WORLD, cp, rank, balance=balance, rounds=rounds)
     res = {}
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-6)):
         for K in (8, 128) if dtype == torch.float64 else (8,):  # 128: production head dim

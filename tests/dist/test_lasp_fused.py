@@ -1,5 +1,6 @@
-"""The fused LASP+ path (state GEMMs inside the Triton kernel's passes, ``_LaspPlusFused``)
-against the single-process op, in the Triton interpreter under gloo (2 and 4 CP ranks).
+"""The fused LASP+ path (``mmtrain.parallel.lasp_fused``: the states come from the Triton
+kernel's own passes) against the single-process op, in the Triton interpreter under gloo (2 and
+4 CP ranks).
 
 The batch of tests/dist/test_context_ops.py: 3 rows × 24 tokens, documents that cross CP edges
 (contiguous chunks, and the zigzag partition with one and two rounds),
@@ -20,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.conftest import free_port
-from tests.dist.test_context_ops import CU, ROWS, T, _data, _local_index, _rel
+from tests.dist.test_context_ops import _data, _rank_piece, _rel
 
 
 def _run(rank, world, port, seg, balance, rounds, out):
@@ -29,18 +30,11 @@ def _run(rank, world, port, seg, balance, rounds, out):
         os.environ["MMTRAIN_LA_SEG"] = str(seg)
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=90))
-    from mmtrain.data.batch import Batch, position_ids_from_cu_seqlens
     from mmtrain.model.ops import LightningOp
-    import mmtrain.parallel.context as context
-    from mmtrain.parallel.context import ContextLightningOp, ContextParallel, shard_batch
+    import mmtrain.parallel.lasp_fused as lasp_fused
+    from mmtrain.parallel.context import ContextLightningOp
 
-    cp = world
-    cu = torch.tensor(CU, dtype=torch.int32)
-    pos = position_ids_from_cu_seqlens(cu, ROWS * T).view(ROWS, T)
-    tok = torch.zeros(ROWS, T, dtype=torch.int64)
-    local = shard_batch(Batch(tok, tok, tok.float(), cu, pos), cp, rank, balance, rounds)
-    idx = _local_index(rank, cp, balance, rounds)
-    cpx = ContextParallel(dist.group.WORLD, cp, rank, balance=balance, rounds=rounds)
+    cu, _, local, idx, cpx = _rank_piece(rank, world, balance, rounds)
     H, K = 2, 32
     q, k, v, w = _data(H, H, K, torch.float32, seed=11)
     slopes = torch.tensor([0.05, 0.3])
@@ -49,10 +43,10 @@ def _run(rank, world, port, seg, balance, rounds, out):
     (o_ref[0] * w.double()).sum().backward()
     res = {}
     calls = []
-    orig = context._LaspPlusFused.apply
-    context._LaspPlusFused.apply = lambda *a: calls.append(1) or orig(*a)
+    orig = lasp_fused.LaspPlusFused.apply
+    lasp_fused.LaspPlusFused.apply = lambda *a: calls.append(1) or orig(*a)
     for fused in (True, False):
-        context.FUSED = fused
+        lasp_fused.FUSED = fused
         op = ContextLightningOp(LightningOp(block_size=4), cpx, "laspplus")
         li = [x[idx].clone().requires_grad_() for x in (q, k, v)]
         o, _ = op(*(x[None] for x in li), slopes, local.cu_seqlens)
