@@ -33,6 +33,21 @@ def _flat_bounds(q, cu_seqlens):
     return [(b * T + s, b * T + e) for b, s, e in sequence_bounds(q, cu_seqlens)]
 
 
+def _slog2(slopes, device):
+    """``slopes · log2 e`` (fp32, on ``device``), kept on the slopes tensor while it is unchanged
+    (a layer's slopes are a constant buffer: one multiply per layer instead of one per call)."""
+    key = (str(device), slopes._version, slopes.data_ptr())
+    hit = getattr(slopes, "_mm_slog2", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    val = (slopes.detach().to(device=device, dtype=torch.float32) * ts.LOG2E).contiguous()
+    try:
+        slopes._mm_slog2 = (key, val)
+    except (AttributeError, RuntimeError):  # e.g. a tensor subclass that takes no attributes
+        pass
+    return val
+
+
 class _LightningAttnFn(torch.autograd.Function):
 
     @staticmethod
@@ -43,7 +58,7 @@ class _LightningAttnFn(torch.autograd.Function):
         cfg = ts._cfg(K, V, q.dtype, q.device)
         seg = ts.choose_seg_len(bounds, H, -(-V // int(cfg["BV"])), q.device, seg_len)
         plan = ts.get_plan(bounds, seg, q.device)
-        slog2 = (slopes.detach().to(device=q.device, dtype=torch.float32) * ts.LOG2E).contiguous()
+        slog2 = _slog2(slopes, q.device)
         o, final, items_in = ts.scan_attention(q_, k_, v_, slopes, plan, initial_state,
                                                output_final_state, keep_items_in=True, cfg=cfg,
                                                slog2=slog2)
@@ -67,9 +82,12 @@ class _LightningAttnFn(torch.autograd.Function):
             Y = dfinal.float() * torch.exp(s)[None, :, None, None]  # dS_final / lam
         sl2 = ctx.slog2
         # the state-transposed scans (dq, dk) share one config; the dv scan has the forward's
-        cfg_t = ctx.cfg if K == V else ts._cfg(V, K, q_.dtype, dev)
-        plan_t = ts.get_plan(ctx.bounds, ts.choose_seg_len(ctx.bounds, H, -(-K // int(cfg_t["BV"])),
-                                                           dev, ctx.seg_len), dev)
+        if K == V:  # the same config and so the same split as the forward's
+            cfg_t, plan_t = ctx.cfg, ctx.plan
+        else:
+            cfg_t = ts._cfg(V, K, q_.dtype, dev)
+            plan_t = ts.get_plan(ctx.bounds, ts.choose_seg_len(
+                ctx.bounds, H, -(-K // int(cfg_t["BV"])), dev, ctx.seg_len), dev)
         # dq: forward scan with (q, k, v) -> (do, v, k), state S^T (V x K)
         if ctx.items_in is not None and plan_t is ctx.plan:  # the forward's states, transposed
             dq, _ = ts.scan_attention(do_, v_, k_, slopes, plan_t, out_dtype=q_.dtype,

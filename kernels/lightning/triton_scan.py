@@ -63,10 +63,17 @@ def interpreting() -> bool:
 
 def _scan_out(q, k, v, o, slog2, item_bos, item_eos,
               s_in, s_in_si, s_in_sh, s_in_sk, s_in_sv, s_out,
+              s_loc, item_seq, seq_items, s_keep,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
               HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr,
+              CHAIN: tl.constexpr, KEEP: tl.constexpr,
               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Outputs of one item. ``CHAIN``: the item's incoming state is chained here from its
+    sequence's initial state (``s_in``, one per sequence) and the local states ``s_loc`` of the
+    items before it (the same recursion as ``_scan_chain``, so the same values); ``KEEP`` stores
+    it in ``s_keep``; the final state is stored by the sequence's last item, per sequence.
+    Otherwise ``s_in`` holds one incoming state per item and ``s_out`` one final state per item."""
     i_v = tl.program_id(0)
     i_n = tl.program_id(1)
     i_h = tl.program_id(2)
@@ -80,11 +87,35 @@ def _scan_out(q, k, v, o, slog2, item_bos, item_eos,
     ov = i_v * BV + tl.arange(0, BV)
     mk = ok < K
     mv = ov < V
+    mkv = mk[:, None] & mv[None, :]
+    tile = ok[:, None] * V + ov[None, :]  # of a contiguous [K, V] state
 
+    row = i_n
+    if CHAIN:
+        row = tl.load(item_seq + i_n)
+        a = tl.load(seq_items + row)
+        b = tl.load(seq_items + row + 1)
+        if REVERSE:
+            n_prev = b - 1 - i_n
+            is_last = i_n == a
+        else:
+            n_prev = i_n - a
+            is_last = i_n == b - 1
     S = tl.full([BK, BV], 0., tl.float32)
     if HAS_INIT:
-        p_s = s_in + i_n * s_in_si + i_h * s_in_sh + ok[:, None] * s_in_sk + ov[None, :] * s_in_sv
-        S += tl.load(p_s, mask=mk[:, None] & mv[None, :], other=0.).to(tl.float32)
+        p_s = s_in + row * s_in_si + i_h * s_in_sh + ok[:, None] * s_in_sk + ov[None, :] * s_in_sv
+        S += tl.load(p_s, mask=mkv, other=0.).to(tl.float32)
+    if CHAIN:
+        for j in range(0, n_prev):
+            if REVERSE:
+                it = b - 1 - j
+            else:
+                it = a + j
+            ln = (tl.load(item_eos + it) - tl.load(item_bos + it)).to(tl.float32)
+            S = S * tl.exp2(-sl * ln) + tl.load(
+                s_loc + (it * H + i_h).to(tl.int64) * K * V + tile, mask=mkv, other=0.)
+        if KEEP:
+            tl.store(s_keep + (i_n * H + i_h).to(tl.int64) * K * V + tile, S, mask=mkv)
 
     tf = ot.to(tl.float32)
     if REVERSE:
@@ -129,8 +160,11 @@ def _scan_out(q, k, v, o, slog2, item_bos, item_eos,
                             input_precision=DOT_PREC)
 
     if STORE_FINAL:
-        p_f = s_out + ((i_n * H + i_h) * K + ok[:, None]).to(tl.int64) * V + ov[None, :]
-        tl.store(p_f, S, mask=mk[:, None] & mv[None, :])
+        p_f = s_out + ((row * H + i_h) * K + ok[:, None]).to(tl.int64) * V + ov[None, :]
+        if CHAIN:
+            tl.store(p_f, S, mask=mkv & is_last)
+        else:
+            tl.store(p_f, S, mask=mkv)
 
 
 def _scan_state(k, v, slog2, item_bos, item_eos, s_loc,
@@ -238,8 +272,10 @@ def _fix_interpreter():
     _INTERP_FIXED = True
 
 
-def _jit(fn):
-    key = (fn.__name__, interpreting())
+def _jit(fn, interp: bool | None = None):
+    """``fn`` wrapped by ``triton.jit`` for the current mode (``interp``: the caller's already
+    read ``interpreting()``, which saves an environment read a launch)."""
+    key = (fn.__name__, interpreting() if interp is None else interp)
     if key[1]:
         _fix_interpreter()
     if key not in _JIT_CACHE:
@@ -276,9 +312,18 @@ class Plan:
         self.item_bos = idx[0].to(device)
         self.item_eos = idx[1].to(device)
         self.seq_items = torch.tensor(seq_items, dtype=torch.int32).to(device)
+        most = max((b - a for a, b in zip(seq_items, seq_items[1:])), default=0)
+        # Few items a sequence: the out pass chains its own incoming state (one launch less; each
+        # program re-reads the local states before its item, so not for long chains).
+        self.fuse_chain = self.two_pass and most <= CHAIN_FUSE_MAX
+        self.item_seq = None
+        if self.fuse_chain:
+            seq_of = [n for n in range(self.n_seq) for _ in range(seq_items[n + 1] - seq_items[n])]
+            self.item_seq = torch.tensor(seq_of, dtype=torch.int32).to(device)
 
 
 _PLAN_CACHE: dict = {}
+CHAIN_FUSE_MAX = int(os.environ.get("MMTRAIN_LA_CHAIN_FUSE", "8"))  # items a sequence; 0: never
 
 
 def get_plan(bounds, seg_len, device, two_pass: bool = False) -> Plan:
@@ -293,10 +338,17 @@ def get_plan(bounds, seg_len, device, two_pass: bool = False) -> Plan:
     return plan
 
 
+_SMS: dict = {}
+
+
 def _num_sms(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SMS.get(idx)
+    if n is None:  # the properties query costs ~30 us of host time: once per device
+        n = _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
 
 
 def choose_seg_len(bounds, H, NV, device, seg_len=None):
@@ -369,7 +421,8 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
     N, I = plan.n_seq, plan.n_items
     final = (torch.empty((N, H, K, V), dtype=torch.float32, device=dev)
              if output_final_state else None)
-    common = dict(UPCAST=cfg["UPCAST"], DOT_PREC=cfg["DOT_PREC"])
+    interp = cfg["UPCAST"]  # _cfg: upcast exactly when interpreting
+    common = dict(UPCAST=interp, DOT_PREC=cfg["DOT_PREC"])
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if I == 0:
         if output_final_state:
@@ -377,14 +430,20 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
         return (o, final, None) if keep_items_in else (o, final)
     dummy = slog2
 
-    def out_pass(s_init, store_final: bool):
-        """The output pass from per-item initial states ``s_init`` (or none)."""
+    def out_pass(s_init, store_final: bool, s_loc=None, keep=None):
+        """The output pass from per-item initial states ``s_init`` (or none); with ``s_loc``
+        (a plan with ``fuse_chain``), ``s_init`` is per sequence and the pass chains the items'
+        incoming states itself (stored in ``keep`` if given)."""
         st = s_init.stride() if s_init is not None else (0, 0, 0, 0)
-        _jit(_scan_out)[(NV, I, H)](
+        chain = s_loc is not None
+        _jit(_scan_out, interp)[(NV, I, H)](
             q, k, v, o, slog2, plan.item_bos, plan.item_eos,
             s_init if s_init is not None else dummy, *st, final if store_final else dummy,
+            s_loc if chain else dummy, plan.item_seq if chain else plan.item_bos,
+            plan.seq_items, keep if keep is not None else dummy,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_INIT=s_init is not None,
-            STORE_FINAL=store_final, REVERSE=reverse, **common, **launch)
+            STORE_FINAL=store_final, REVERSE=reverse, CHAIN=chain, KEEP=keep is not None,
+            **common, **launch)
 
     def done(fin, s_in=None):
         return (o, fin, s_in) if keep_items_in else (o, fin)
@@ -405,13 +464,17 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
     SBK, SBV = min(BK, 64), min(triton.next_power_of_2(V), 64)
     SNK, SNV = triton.cdiv(K, SBK), triton.cdiv(V, SBV)
     s_loc = torch.empty((I, H, K, V), dtype=torch.float32, device=dev)
-    _jit(_scan_state)[(SNK * SNV, I, H)](
+    _jit(_scan_state, interp)[(SNK * SNV, I, H)](
         k, v, slog2, plan.item_bos, plan.item_eos, s_loc,
         H=H, K=K, V=V, BT=BT, BK=SBK, BV=SBV, NV=SNV, REVERSE=reverse, **common, **launch)
-    s_in = torch.empty_like(s_loc)
     s0 = initial_state if state_hook is None else state_hook(s_loc, plan)
+    if plan.fuse_chain:
+        s_in = torch.empty_like(s_loc) if keep_items_in else None
+        out_pass(s0, output_final_state, s_loc=s_loc, keep=s_in)
+        return done(final, s_in)
+    s_in = torch.empty_like(s_loc)
     st = s0.stride() if s0 is not None else (0, 0, 0, 0)
-    _jit(_scan_chain)[(SNK * SNV, N, H)](
+    _jit(_scan_chain, interp)[(SNK * SNV, N, H)](
         slog2, plan.item_bos, plan.item_eos, plan.seq_items, s_loc, s_in,
         s0 if s0 is not None else dummy, *st, final if final is not None else dummy,
         H=H, K=K, V=V, BK=SBK, BV=SBV, NV=SNV, HAS_INIT=s0 is not None,

@@ -117,6 +117,36 @@ def test_final_state_only_gradient(interp):
         assert rel(a, b) < 1e-4
 
 
+def test_chain_fused_into_out_pass(interp, monkeypatch):
+    """Sequence-split with a few items a sequence: the out pass chains its own incoming states
+    (one launch less) and gives the separate chain kernel's outputs and gradients exactly (the
+    same recursion); final states and dS0 agree to rounding."""
+    from mmtrain.kernels.lightning import triton_scan as ts
+
+    H, K, V = 2, 16, 16
+    cu = torch.tensor(CU, dtype=torch.int32)
+    q, k, v, s0, slopes, w_o, w_f = _inputs(1, CU[-1], H, K, V, torch.float32, len(CU) - 1,
+                                            seed=5)
+    runs = {}
+    for fuse in (0, 8):
+        monkeypatch.setattr(ts, "CHAIN_FUSE_MAX", fuse)
+        ts._PLAN_CACHE.clear()
+        runs[fuse] = _run(lambda *a: lightning_attn(*a, seg_len=32), q, k, v, slopes, cu, s0,
+                          w_o, w_f)
+        bounds = [(a, b) for a, b in zip(CU, CU[1:])]
+        assert ts.get_plan(bounds, 32, torch.device("cpu")).fuse_chain == (fuse > 0)
+    ts._PLAN_CACHE.clear()
+    (o0, f0, g0), (o1, f1, g1) = runs[0], runs[8]
+    assert torch.equal(o0, o1)
+    assert torch.allclose(f0, f1, rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(["dq", "dk", "dv"], g0[:3], g1[:3]):
+        assert torch.equal(a, b), name
+    assert torch.allclose(g0[3], g1[3], rtol=1e-5, atol=1e-6)
+    ro, rf, rg = _run(lightning_attn_recurrent, q, k, v, slopes, cu, s0, w_o, w_f,
+                      dtype_compute=torch.float64)
+    assert rel(f1, rf) < 1e-4 and rel(g1[3], rg[3]) < 1e-4
+
+
 def test_deterministic(interp):
     H, K, V = 1, 16, 16
     cu = torch.tensor([0, 33, 100], dtype=torch.int32)
