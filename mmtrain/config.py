@@ -300,8 +300,9 @@ class ParallelConfig:
     # holds the r-th of cp pieces: LASP's layout, causally imbalanced). Both layer kinds see it.
     cp_balance: str = "zigzag"
     # zigzag only: the row is this many consecutive stretches of 2·cp pieces, each split zigzag
-    # (balances packed documents shorter than the row; seq_len must divide by 2·cp·rounds)
-    cp_zigzag_rounds: int = 1
+    # (balances packed documents shorter than the row; seq_len must divide by 2·cp·rounds).
+    # 0 = auto: 2 where seq_len divides by 4·cp, else 1 (contiguous: 1)
+    cp_zigzag_rounds: int = 0
     bucket_mb: float = 40.0  # gradient-reduction bucket size (fp32 MiB)
     order: str = "tp-cp-ep-dp-pp"
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
@@ -320,8 +321,9 @@ class ParallelConfig:
             _fail(f"{path}.cp_lightning", f"unknown '{self.cp_lightning}'; use laspplus or lasp")
         if self.cp_balance not in ("zigzag", "contiguous"):
             _fail(f"{path}.cp_balance", f"unknown '{self.cp_balance}'; use zigzag or contiguous")
-        if self.cp_zigzag_rounds < 1:
-            _fail(f"{path}.cp_zigzag_rounds", f"must be >= 1, got {self.cp_zigzag_rounds}")
+        if self.cp_zigzag_rounds < 0:
+            _fail(f"{path}.cp_zigzag_rounds", f"must be >= 1, or 0 for auto, got "
+                  f"{self.cp_zigzag_rounds}")
         if self.cp_zigzag_rounds > 1 and self.cp_balance != "zigzag":
             _fail(f"{path}.cp_zigzag_rounds", f"{self.cp_zigzag_rounds} rounds need "
                   f"{path}.cp_balance=zigzag; set {path}.cp_zigzag_rounds=1 for "

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 from mmtrain.config import Config, ConfigError, ParallelConfig
 from mmtrain.model.init import Piece, whole
+from mmtrain.parallel.context import auto_rounds
 from mmtrain.parallel.data import GradSync, ParamInfo, clip_grad_norm
 from mmtrain.parallel.moe import GroupBalance, shard_experts
 from mmtrain.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, SlicedLinear,
@@ -87,7 +88,8 @@ _LATER = {
 
 def check_context(cfg: Config) -> None:
     """The sizes context parallelism needs (pure; also used by ``mmtrain info``)."""
-    c, k = cfg.parallel.cp, cfg.parallel.cp_zigzag_rounds
+    c = cfg.parallel.cp
+    k = cfg.parallel.cp_zigzag_rounds or auto_rounds(c, cfg.parallel.cp_balance, cfg.data.seq_len)
     if c > 1 and cfg.parallel.cp_balance == "zigzag" and cfg.data.seq_len % (2 * c * k):
         rounds = f" × parallel.cp_zigzag_rounds={k}" if k > 1 else ""
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} tokens per row do not split into "

@@ -88,7 +88,7 @@ def layout_summary(pcfg, seq_len: int, dp=None) -> str:
     if pcfg.cp > 1:
         name = {"laspplus": "LASP+", "lasp": "LASP"}.get(pcfg.cp_lightning, pcfg.cp_lightning)
         c = pcfg.cp
-        k = getattr(pcfg, "cp_zigzag_rounds", 1)
+        k = getattr(pcfg, "cp_zigzag_rounds", 1) or auto_rounds(c, pcfg.cp_balance, seq_len)
         if getattr(pcfg, "cp_balance", "contiguous") == "zigzag":
             how = (f"zigzag partition: every {seq_len}-token row in {2 * c * k} pieces of "
                    f"{seq_len // (2 * c * k)}, rank r holds pieces r and {2 * c - 1}-r"
@@ -101,6 +101,16 @@ def layout_summary(pcfg, seq_len: int, dp=None) -> str:
 
 
 # ----------------------------------------------------------------------------------- the plan
+def auto_rounds(cp: int, balance: str, row_len: int) -> int:
+    """``parallel.cp_zigzag_rounds=0`` (auto): two zigzag rounds where the row divides into
+    4·cp pieces, else one; contiguous: one. Two rounds balance packed documents shorter than the
+    row (on 2 H200s the ring reached 0.93 of ideal scaling with two rounds, 0.68 with one:
+    docs/benchmarks.md)."""
+    if balance != "zigzag" or cp <= 1:
+        return 1
+    return 2 if row_len % (4 * cp) == 0 else 1
+
+
 def owned_pieces(cp: int, rank: int, balance: str, rounds: int = 1) -> list:
     """The virtual pieces (in sequence order) rank ``rank`` holds of every row: ``[r]``
     (contiguous, C pieces a row) or, zigzag with R rounds (2CR pieces a row), ``2C·i + r`` and
@@ -275,14 +285,16 @@ class ContextParallel:
         if balance not in CP_BALANCES:
             raise ValueError(f"cp_balance must be one of {CP_BALANCES}, got {balance!r}")
         self.group, self.cp, self.rank, self.lightning = group, cp, rank, lightning
-        self.balance, self.rounds = balance, rounds
-        owned_pieces(cp, rank, balance, rounds)  # validates rounds
+        self.balance, self.rounds = balance, rounds  # rounds 0: auto (auto_rounds, per row)
+        if rounds != 0:
+            owned_pieces(cp, rank, balance, rounds)  # validates rounds
         self.ranks = ([dist.get_global_rank(group, i) for i in range(cp)]
                       if group is not None and cp > 1 else [0])
 
     def shard_batch(self, batch: Batch, device) -> Batch:
         """The local pieces on ``device``; the plan stays attached to the device cu_seqlens."""
-        local = shard_batch(batch, self.cp, self.rank, self.balance, self.rounds)
+        rounds = self.rounds or auto_rounds(self.cp, self.balance, batch.tokens.shape[-1])
+        local = shard_batch(batch, self.cp, self.rank, self.balance, rounds)
         plan = local.cu_seqlens.cp_plan
         out = local.to(device)
         out.cu_seqlens.cp_plan = plan

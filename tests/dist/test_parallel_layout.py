@@ -54,8 +54,17 @@ def test_cp_balance_is_validated_naming_the_field():
     load_config(TINY + ["parallel.cp=2", "parallel.cp_lightning=lasp",
                         "parallel.cp_balance=contiguous"])
     assert load_config(TINY).parallel.cp_balance == "zigzag"  # the default
-    with pytest.raises(ConfigError, match="^parallel.cp_zigzag_rounds: must be >= 1"):
-        load_config(TINY + ["parallel.cp=2", "parallel.cp_zigzag_rounds=0"])
+    with pytest.raises(ConfigError, match="^parallel.cp_zigzag_rounds: must be >= 1, or 0"):
+        load_config(TINY + ["parallel.cp=2", "parallel.cp_zigzag_rounds=-1"])
+    # rounds 0 (the default) is auto: two rounds where the row divides into 4·cp pieces
+    from mmtrain.parallel.context import auto_rounds, layout_summary
+    assert load_config(TINY).parallel.cp_zigzag_rounds == 0
+    assert [auto_rounds(2, "zigzag", n) for n in (256, 260, 12)] == [2, 1, 1]
+    assert auto_rounds(2, "contiguous", 256) == 1 and auto_rounds(1, "zigzag", 256) == 1
+    pc = load_config(TINY + ["parallel.cp=2"]).parallel
+    assert "in 8 pieces of 32" in layout_summary(pc, 256) and "of each of 2 rounds" in \
+        layout_summary(pc, 256)
+    assert "in 4 pieces of 65" in layout_summary(pc, 260)
     with pytest.raises(ConfigError, match="^parallel.cp_zigzag_rounds: 2 rounds need "
                                           "parallel.cp_balance=zigzag"):
         load_config(TINY + ["parallel.cp=2", "parallel.cp_balance=contiguous",
