@@ -2,7 +2,7 @@
 search's validity, memory that cannot fit, the CLI's JSON and its one-line errors.
 
 The hand computations below are written from SPEC §1 (the layer shapes of MiniMax-Text-01) and
-from what ``parallel/apply.py`` and ``parallel/data.py`` shard, not from ``mmtrain/plan.py``.
+from what ``parallel/apply.py`` and ``parallel/data.py`` shard, not from ``mmtrain/plan/``.
 """
 
 from __future__ import annotations
