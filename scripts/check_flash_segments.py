@@ -1,7 +1,8 @@
 """GPU check of DocAttention's ``flash`` implementation (torch's FlashAttention-2 varlen kernel)
 on the segment sets ring attention uses, against the fp32 torch reference and FlexAttention;
 then per-call timings of flash vs flex. Prints one PASS/FAIL line per check and exits non-zero
-on any FAIL. About a minute on an H200 (most of it compiling FlexAttention).
+on any FAIL; the last line gives the wall time. Sized to finish within two minutes on an H200,
+most of it compiling FlexAttention (``--skip-flex`` leaves FlexAttention out).
 
     python scripts/check_flash_segments.py                 # H200: every check, then timings
     python scripts/check_flash_segments.py --skip-flex     # flash vs the reference only
@@ -121,35 +122,43 @@ def check_layout(H, G, T, dev, dt, impls, g, max_doc):
     o_m = o_m.to(dt)  # as the ring saves it
     do = mk(T, H, K)
     for name, segs in steps.items():
-        cov, keys = covered(segs).to(dev), key_rows(segs).to(dev)
-        fwd, bwd = {}, {}
-        for impl, op in impls.items():
-            o, lse = op.forward(q, *kv[name], segs, scale)
-            fwd[impl] = (o, lse)
-            if impl != "flex" or dev.type == "cuda":  # eager flex has no CPU backward
-                bwd[impl] = op.backward(q, *kv[name], o_m, lse_m, do, segs, scale)
-        o_r, lse_r = ref[name]
-        o_f, lse_f = fwd["flash"]
-        report(f"{tag} {name}: flash forward o vs reference", rel(o_f, o_r), TOL)
-        report(f"{tag} {name}: flash forward lse vs reference (abs)",
-               float((lse_f[cov] - lse_r[cov]).abs().max()), LSE_TOL)
-        report(f"{tag} {name}: flash uncovered rows o = 0, lse = -inf (count wrong)",
-               float((o_f[~cov] != 0).sum() + (~torch.isneginf(lse_f[~cov])).sum()), 0)
-        if "flex" in fwd:
-            report(f"{tag} {name}: flash forward o vs flex", rel(o_f, fwd["flex"][0]), TOL)
-            report(f"{tag} {name}: flash forward lse vs flex (abs)",
-                   float((lse_f[cov] - fwd["flex"][1][cov]).abs().max()), LSE_TOL)
-        want = ref_backward(q, *kv[name], o_m, lse_m, do, segs, scale)
-        for i, gname in enumerate(("dq", "dk", "dv")):
-            report(f"{tag} {name}: flash backward {gname} (merged o/lse) vs reference",
-                   rel(bwd["flash"][i], want[i]), TOL)
-            if "flex" in bwd:
-                report(f"{tag} {name}: flash backward {gname} vs flex",
-                       rel(bwd["flash"][i], bwd["flex"][i]), TOL)
-        dq, dk, dv = bwd["flash"]
-        report(f"{tag} {name}: flash zero gradients outside the segments (count wrong)",
-               float((dq[~cov] != 0).sum() + (dk[~keys] != 0).sum() + (dv[~keys] != 0).sum()), 0)
+        try:
+            check_step(f"{tag} {name}", q, kv[name], segs, ref[name], o_m, lse_m, do, impls,
+                       scale, dev)
+        except Exception as exc:  # noqa: BLE001 - reported as a FAIL, the other steps go on
+            RESULTS.append(False)
+            print(f"FAIL {tag} {name}: raised {type(exc).__name__}: {exc}", flush=True)
     return q, kv, steps, o_m, lse_m, do
+
+
+def check_step(tag, q, kv, segs, ref, o_m, lse_m, do, impls, scale, dev):
+    """One step's checks (see the module docstring); ``ref`` its reference (o, lse)."""
+    cov, keys = covered(segs).to(dev), key_rows(segs).to(dev)
+    fwd, bwd = {}, {}
+    for impl, op in impls.items():
+        fwd[impl] = op.forward(q, *kv, segs, scale)
+        if impl != "flex" or dev.type == "cuda":  # eager flex has no CPU backward
+            bwd[impl] = op.backward(q, *kv, o_m, lse_m, do, segs, scale)
+    o_f, lse_f = fwd["flash"]
+    report(f"{tag}: flash forward o vs reference", rel(o_f, ref[0]), TOL)
+    report(f"{tag}: flash forward lse vs reference (abs)",
+           float((lse_f[cov] - ref[1][cov]).abs().max()), LSE_TOL)
+    report(f"{tag}: flash uncovered rows o = 0, lse = -inf (count wrong)",
+           float((o_f[~cov] != 0).sum() + (~torch.isneginf(lse_f[~cov])).sum()), 0)
+    if "flex" in fwd:
+        report(f"{tag}: flash forward o vs flex", rel(o_f, fwd["flex"][0]), TOL)
+        report(f"{tag}: flash forward lse vs flex (abs)",
+               float((lse_f[cov] - fwd["flex"][1][cov]).abs().max()), LSE_TOL)
+    want = ref_backward(q, *kv, o_m, lse_m, do, segs, scale)
+    for i, gname in enumerate(("dq", "dk", "dv")):
+        report(f"{tag}: flash backward {gname} (merged o/lse) vs reference",
+               rel(bwd["flash"][i], want[i]), TOL)
+        if "flex" in bwd:
+            report(f"{tag}: flash backward {gname} vs flex", rel(bwd["flash"][i], bwd["flex"][i]),
+                   TOL)
+    dq, dk, dv = bwd["flash"]
+    report(f"{tag}: flash zero gradients outside the segments (count wrong)",
+           float((dq[~cov] != 0).sum() + (dk[~keys] != 0).sum() + (dv[~keys] != 0).sum()), 0)
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -171,17 +180,26 @@ def median_ms(fn, dev, warmup, iters):
 def time_layout(tag, q, kv, steps, o_m, lse_m, do, dev, impls, a):
     scale = 1 / math.sqrt(q.shape[-1])
     for name, segs in steps.items():
-        row = []
-        for impl, op in impls.items():
-            f = lambda: op.forward(q, *kv[name], segs, scale)  # noqa: E731
-            fb = lambda: (op.forward(q, *kv[name], segs, scale),  # noqa: E731
-                          op.backward(q, *kv[name], o_m, lse_m, do, segs, scale))
-            row.append(f"{impl} fwd {median_ms(f, dev, a.warmup, a.iters):.3f} ms, fwd+bwd "
-                       f"{median_ms(fb, dev, a.warmup, a.iters):.3f} ms")
-        fresh = lambda: Segments(segs.q, segs.k, segs.causal, segs.Tq, segs.Tk)  # noqa: E731
-        pack = median_ms(lambda: fresh().packing(dev), dev, 1, a.iters)
-        mask = median_ms(lambda: doc_block_mask(*fresh().doc_tensors(dev), segs.causal, segs.Tq,
-                                                segs.Tk), dev, 1, a.iters)
+        try:
+            ms = {}
+            for impl, op in impls.items():
+                f = lambda: op.forward(q, *kv[name], segs, scale)  # noqa: E731
+                fb = lambda: (op.forward(q, *kv[name], segs, scale),  # noqa: E731
+                              op.backward(q, *kv[name], o_m, lse_m, do, segs, scale))
+                ms[impl] = (median_ms(f, dev, a.warmup, a.iters),
+                            median_ms(fb, dev, a.warmup, a.iters))
+            fresh = lambda: Segments(segs.q, segs.k, segs.causal, segs.Tq, segs.Tk)  # noqa: E731
+            pack = median_ms(lambda: fresh().packing(dev), dev, 1, a.iters)
+            mask = median_ms(lambda: doc_block_mask(*fresh().doc_tensors(dev), segs.causal,
+                                                    segs.Tq, segs.Tk), dev, 1, a.iters)
+        except Exception as exc:  # noqa: BLE001 - reported as a FAIL, the other steps go on
+            RESULTS.append(False)
+            print(f"FAIL time {tag} {name}: raised {type(exc).__name__}: {exc}", flush=True)
+            continue
+        row = [f"{i} fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms" for i, (f, fb) in ms.items()]
+        if len(ms) == 2:
+            row.append(f"flex/flash fwd {ms['flex'][0] / ms['flash'][0]:.2f}x, fwd+bwd "
+                       f"{ms['flex'][1] / ms['flash'][1]:.2f}x")
         print(f"time {tag} {name} ({len(segs)} segments, {int(covered(segs).sum())} query "
               f"rows): " + "; ".join(row) + f"; per new Segments: flash packing {pack:.3f} ms, "
               f"flex block mask {mask:.3f} ms", flush=True)
