@@ -16,8 +16,19 @@ K/V of both pieces of a rank travel together: at hop h rank r holds the K/V of C
   the piece end), at the hop where w's owner's K/V are here. Under zigzag this includes hop 0
   (piece 2C-1-r attends piece r on the same rank) and wraps round the ring (rank 0's last piece
   needs every rank); the pieces a query piece needs of the visiting rank are consecutive in its
-  stream, the first possibly partial and the rest whole, so they form one key range. Each hop runs one non-causal call per receiving slot (a call's
-  query and key ranges must be disjoint). Every other (piece, piece) pair is skipped.
+  stream, the first possibly partial and the rest whole, so they form one key range. Each hop
+  runs one non-causal call per receiving slot (a call's query and key ranges must be disjoint).
+  Every other (piece, piece) pair is skipped.
+
+Local steps: every step is one call of :class:`mmtrain.model.doc_attention.DocAttention` on a
+:class:`~mmtrain.model.doc_attention.Segments` (host ranges, cached on the plan with whatever
+device tensors the implementation builds). On CUDA in fp16/bf16 that is torch's FlashAttention-2
+varlen kernel (``impl="auto"``): the diagonal is one launch over the local stream with no copy,
+an off-diagonal step gathers its query rows, and the backward gets the final merged (o, lse), so
+no step is recomputed. ``ContextSoftmaxOp(impl="flex")`` runs FlexAttention instead (block masks
+built lazily per Segments, recompute-style backward); off CUDA the exact torch reference runs.
+Off-diagonal results are merged, and their gradients accumulated, on the rows their segments
+cover only (``forward_rows`` / ``backward_rows``).
 
 The number of hops is the largest ring distance any continuing document needs (from the plan,
 the same on every rank); a batch whose documents never cross a rank's pieces runs no hop.
@@ -158,6 +169,24 @@ def _merge(o_acc, lse_acc, o, lse):
     return o_acc * w_old[..., None] + o.to(o_acc.dtype) * w_new[..., None], new
 
 
+def _merge_rows(o_acc, lse_acc, rows, o, lse):
+    """Merge one step's result on its rows (:meth:`DocAttention.forward_rows`) into the
+    accumulators, in place: only the rows the step covers are read and written."""
+    if rows.n:
+        o_m, lse_m = _merge(rows.take(o_acc), rows.take(lse_acc), o, lse.to(lse_acc.dtype))
+        rows.write(o_acc, o_m)
+        rows.write(lse_acc, lse_m)
+
+
+def _add_rows(acc, step):
+    """Add one step's gradients on its rows (:meth:`DocAttention.backward_rows`) into the
+    accumulators (dq, dk, dv), in place."""
+    q_rows, k_rows, gq, gk, gv = step
+    q_rows.add(acc[0], gq.to(acc[0].dtype))
+    k_rows.add(acc[1], gk.to(acc[1].dtype))
+    k_rows.add(acc[2], gv.to(acc[2].dtype))
+
+
 class _Ring(torch.autograd.Function):
 
     @staticmethod
@@ -171,7 +200,7 @@ class _Ring(torch.autograd.Function):
         acc = torch.promote_types(o.dtype, torch.float32)
         o, lse = o.to(acc), lse.to(acc)
         for segs in ring_segments(plan, 0):  # zigzag: piece 2C-1-r attends piece r
-            o, lse = _merge(o, lse, *attn.forward(q, k, v, segs, scale))
+            _merge_rows(o, lse, *attn.forward_rows(q, k, v, segs, scale))
         for h in range(1, n + 1):
             held = ex.wait()
             if held is None:
@@ -179,8 +208,7 @@ class _Ring(torch.autograd.Function):
             if h < n:  # pass this chunk on: r+1 uses it at hop h+1
                 ex = _Exchange(cpx, held, send=wrap or r + 1 < C, recv=wrap or r - (h + 1) >= 0)
             for segs in ring_segments(plan, h):
-                o_h, lse_h = attn.forward(q, held[0], held[1], segs, scale)
-                o, lse = _merge(o, lse, o_h, lse_h)
+                _merge_rows(o, lse, *attn.forward_rows(q, held[0], held[1], segs, scale))
         out = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.attn, ctx.cpx, ctx.plan = scale, attn, cpx, plan
@@ -201,8 +229,7 @@ class _Ring(torch.autograd.Function):
         if ring_segments(plan, 0):
             dk, dv = dk.to(acc), dv.to(acc)
             for segs in ring_segments(plan, 0):
-                gq, gk, gv = attn.backward(q, k, v, o, lse, do, segs, scale)
-                dq, dk, dv = dq + gq.to(acc), dk + gk.to(acc), dv + gv.to(acc)
+                _add_rows((dq, dk, dv), attn.backward_rows(q, k, v, o, lse, do, segs, scale))
         mine = None
         zeros = lambda: (torch.zeros(k.shape, dtype=acc, device=k.device),  # noqa: E731
                          torch.zeros(v.shape, dtype=acc, device=v.device))
@@ -217,9 +244,8 @@ class _Ring(torch.autograd.Function):
                 if h < n:
                     kv_ex = _Exchange(cpx, held, send=True, recv=True)
                 for segs in ring_segments(plan, h):
-                    gq, gk, gv = attn.backward(q, held[0], held[1], o, lse, do, segs, scale)
-                    dq = dq + gq.to(acc)
-                    grads = (grads[0] + gk.to(acc), grads[1] + gv.to(acc))
+                    _add_rows((dq,) + tuple(grads),
+                              attn.backward_rows(q, held[0], held[1], o, lse, do, segs, scale))
                 if h < n:
                     grads = tuple(_p2p(cpx, [(g, (r + 1) % C) for g in grads], zeros(),
                                        (r - 1) % C))
@@ -239,9 +265,8 @@ class _Ring(torch.autograd.Function):
                     kv_ex = _Exchange(cpx, held, send=r + 1 < C, recv=r - (h + 1) >= 0)
                 grads = grads or zeros()
                 for segs in ring_segments(plan, h):
-                    gq, gk, gv = attn.backward(q, held[0], held[1], o, lse, do, segs, scale)
-                    dq = dq + gq.to(acc)
-                    grads = (grads[0] + gk.to(acc), grads[1] + gv.to(acc))
+                    _add_rows((dq,) + tuple(grads),
+                              attn.backward_rows(q, held[0], held[1], o, lse, do, segs, scale))
             # The accumulator of chunk r-h travels on to r+1, unless it is complete: at its
             # last hop (h = n) or on the last rank (r = C-1) it goes straight home to rank r-h.
             # Both, and this rank's own accumulator coming home, go in one batch (posting them
@@ -264,11 +289,14 @@ class _Ring(torch.autograd.Function):
 
 
 class ContextSoftmaxOp:
-    """The softmax seam under CP: Varlen Ring Attention around the local :class:`DocAttention`."""
+    """The softmax seam under CP: Varlen Ring Attention around the local :class:`DocAttention`
+    (``attn``, else ``DocAttention(impl)``: ``auto`` runs FlashAttention-2 varlen on CUDA in
+    half precision, ``flex`` forces FlexAttention)."""
 
-    def __init__(self, cpx: ContextParallel, attn: DocAttention | None = None):
+    def __init__(self, cpx: ContextParallel, attn: DocAttention | None = None,
+                 impl: str = "auto"):
         self.cpx = cpx
-        self.attn = attn or DocAttention()
+        self.attn = attn or DocAttention(impl)
 
     def __call__(self, q_THK, k_TGK, v_TGK, cu_seqlens, scale: float):
         plan = plan_of(cu_seqlens)

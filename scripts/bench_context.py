@@ -5,6 +5,14 @@ LASP, Varlen Ring Attention. Checks correctness on the device before timing anyt
     torchrun --nproc-per-node 2 scripts/bench_context.py --out bench_context_2gpu.json
     torchrun --nproc-per-node 2 scripts/bench_context.py --cpu-smoke --out /tmp/smoke.json  # CPU, gloo
     torchrun --nproc-per-node 2 scripts/bench_context.py --balance contiguous --skip softmax_op
+    torchrun --nproc-per-node 2 scripts/bench_context.py --softmax-impl flex --skip lightning
+
+``--softmax-impl`` (default ``flash,flex`` on GPU): the implementations of the document-masked
+softmax op (:class:`mmtrain.model.doc_attention.DocAttention`) that the softmax sections run, each
+in turn: ``flash`` (torch's FlashAttention-2 varlen kernel, the CUDA default) and ``flex``
+(FlexAttention with document block masks). Under ``--cpu-smoke`` only ``flash`` runs, its two
+kernel calls replaced by the CPU stand-in of tests/flash_standin.py (eager FlexAttention has no
+CPU backward).
 
 ``--balance`` (default ``zigzag,zigzag2,contiguous``): the CP partitions to measure
 (``parallel.cp_balance``: zigzag, rank r holds pieces r and 2C-1-r of 2C; zigzagR, that over R
@@ -17,10 +25,11 @@ iterations after --warmup; every rank times the same thing and the slowest rank 
 1. ``checks``: on the device, the CP ops on a packed batch whose documents cross the rank edge
    (a length-1 document, a document starting on an edge, a row that is one document) against the
    single-GPU op on the whole batch: output and q/k/v gradients, max relative error (fails above
-   5e-2, warns above 1e-2). With one process: FlexAttention vs the exact torch reference.
-2. ``softmax_op`` (rank 0): the local softmax op (FlexAttention with a document block mask,
-   mmtrain.model.doc_attention.DocSoftmaxOp) against the model's SoftmaxOp (torch's
-   FlashAttention-2 varlen kernel on CUDA; the JSON keys still say per_doc_sdpa), on
+   5e-2, warns above 1e-2); ring attention once per softmax impl, against the single-GPU op of
+   the same impl. With one process: each impl's local op vs the exact torch reference.
+2. ``softmax_op`` (rank 0): the local softmax op (mmtrain.model.doc_attention.DocSoftmaxOp, per
+   softmax impl; JSON ``doc_<impl>_ms``) against the model's SoftmaxOp (torch's
+   FlashAttention-2 varlen kernel on CUDA; the JSON key still says per_doc_sdpa), on
    packed batches of 4K–128K tokens, H = 64 query heads over 8 KV heads (MiniMax-Text-01's
    softmax layer), fwd+bwd ms and speed-up.
 3. ``lightning``: LASP+ and LASP fwd+bwd for H = 8 and 64 at 128K and 512K tokens per GPU, one
@@ -32,9 +41,9 @@ iterations after --warmup; every rank times the same thing and the slowest rank 
    of forward and backward; LASP: the state send/recv chain) over the op's time.
 4. ``ring``: Varlen Ring Attention on 256K tokens of packed documents of 1K–256K (log-uniform),
    H = 8 over 1 KV head (one TP=8 shard of MiniMax's softmax layer): CP=1 runs the whole batch on
-   one GPU, CP=2 half per GPU; fraction of ideal scaling = t(CP=1) / (2·t(CP=2)) (goal ≥ 0.7),
-   with each rank's time and its attended (query, key) pairs (the causal load imbalance), per
-   partition.
+   one GPU (DocSoftmaxOp), CP=2 half per GPU, both on the same softmax impl; fraction of ideal
+   scaling = t(CP=1) / (2·t(CP=2)) (goal ≥ 0.7), with each rank's time and its attended (query,
+   key) pairs (the causal load imbalance), per softmax impl and partition.
 
 The table is printed last; --out writes every number as JSON.
 """
@@ -55,7 +64,7 @@ import torch
 import torch.distributed as dist
 
 from mmtrain.data.batch import Batch, position_ids_from_cu_seqlens
-from mmtrain.model.doc_attention import DocSoftmaxOp
+from mmtrain.model.doc_attention import DocAttention, DocSoftmaxOp
 from mmtrain.model.ops import LightningOp, SoftmaxOp
 import mmtrain.parallel.lasp_fused as lasp_fused
 from mmtrain.parallel.context import (CP_BALANCES, ContextLightningOp, ContextParallel, make_plan,
@@ -202,8 +211,22 @@ def rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
+IMPL_NAMES = {"flash": "FlashAttention-2 varlen", "flex": "FlexAttention"}
+
+
+def softmax_args(impl):
+    """(impl, kernels) of DocAttention / DocSoftmaxOp for a --softmax-impl item: on CPU (smoke)
+    flash's two kernel calls are the stand-in of tests/flash_standin.py."""
+    if DEV.type == "cpu":
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from tests.flash_standin import FlashStandIn
+
+        return impl, FlashStandIn()
+    return impl, None
+
+
 # ------------------------------------------------------------------------------------- checks
-def run_checks(sizes, balances):
+def run_checks(sizes, balances, impls):
     R = sizes["check_T"]  # row length; 3 rows
     h = R // max(WORLD, 2)  # the contiguous rank edge (a zigzag piece edge too)
     # row 0: a length-1 document, one starting exactly on the edge; row 1: one crossing the
@@ -237,27 +260,30 @@ def run_checks(sizes, balances):
                             "max_rel_err": err})
         G = 1
         q2, k2, v2 = q, k[:, :G].contiguous(), v[:, :G].contiguous()
-        ins = [x.clone().requires_grad_() for x in (q2, k2, v2)]
-        o_ref = DocSoftmaxOp()(*ins, cu_t, 1 / math.sqrt(K_DIM))
-        (o_ref.float() * w.float()).sum().backward()
-        li = [x[sl].clone().requires_grad_() for x in (q2, k2, v2)]
-        o = ContextSoftmaxOp(cpx)(*li, cu_l, 1 / math.sqrt(K_DIM))
-        (o.float() * w[sl].float()).sum().backward()
-        err = max([rel(o, o_ref[sl])] + [rel(a.grad, b.grad[sl]) for a, b in zip(li, ins)])
-        results.append({"check": f"ring attention {balance} CP={WORLD} vs 1 GPU",
-                        "max_rel_err": err})
-    # the local softmax op (FlexAttention on CUDA) against the exact torch reference
+        for impl in impls:
+            ins = [x.clone().requires_grad_() for x in (q2, k2, v2)]
+            o_ref = DocSoftmaxOp(*softmax_args(impl))(*ins, cu_t, 1 / math.sqrt(K_DIM))
+            (o_ref.float() * w.float()).sum().backward()
+            li = [x[sl].clone().requires_grad_() for x in (q2, k2, v2)]
+            o = ContextSoftmaxOp(cpx, DocAttention(*softmax_args(impl)))(*li, cu_l,
+                                                                         1 / math.sqrt(K_DIM))
+            (o.float() * w[sl].float()).sum().backward()
+            err = max([rel(o, o_ref[sl])] + [rel(a.grad, b.grad[sl]) for a, b in zip(li, ins)])
+            results.append({"check": f"ring attention {balance} {impl} CP={WORLD} vs 1 GPU",
+                            "max_rel_err": err})
+    # the local softmax op of each impl against the exact torch reference
     G = 1
     q2, k2, v2 = q.float(), k[:, :G].float(), v[:, :G].float()
-    outs = []
-    for op in (DocSoftmaxOp(), DocSoftmaxOp("reference")):
-        ins = [x.clone().requires_grad_() for x in (q2.to(dt), k2.to(dt), v2.to(dt))]
-        o = op(*ins, cu_t, 1 / math.sqrt(K_DIM))
-        (o.float() * w.float()).sum().backward()
-        outs.append([o] + [x.grad for x in ins])
-    err = max(rel(a, b) for a, b in zip(*outs))
-    results.append({"check": "DocSoftmaxOp (FlexAttention on CUDA) vs torch reference",
-                    "max_rel_err": err})
+    for impl in impls:
+        outs = []
+        for op in (DocSoftmaxOp(*softmax_args(impl)), DocSoftmaxOp("reference")):
+            ins = [x.clone().requires_grad_() for x in (q2.to(dt), k2.to(dt), v2.to(dt))]
+            o = op(*ins, cu_t, 1 / math.sqrt(K_DIM))
+            (o.float() * w.float()).sum().backward()
+            outs.append([o] + [x.grad for x in ins])
+        err = max(rel(a, b) for a, b in zip(*outs))
+        results.append({"check": f"DocSoftmaxOp ({impl}) vs torch reference",
+                        "max_rel_err": err})
     for r in results:
         r["max_rel_err"] = slowest(r["max_rel_err"])
         log(f"check: {r['check']}: max rel err {r['max_rel_err']:.2e}")
@@ -269,7 +295,7 @@ def run_checks(sizes, balances):
 
 
 # ------------------------------------------------------------------------------- softmax op
-def bench_softmax_op(sizes, a):
+def bench_softmax_op(sizes, a, impls):
     out = []
     if RANK != 0:
         return out
@@ -283,15 +309,18 @@ def bench_softmax_op(sizes, a):
         v = rand((T, G, K_DIM), 7, 1.0, dt).requires_grad_()
         do = rand((T, H, K_DIM), 8, 1.0, dt)
         row = {"T": T, "docs": len(lens), "H": H, "G": G}
-        for name, op in (("doc_op", DocSoftmaxOp()), ("per_doc_sdpa", SoftmaxOp())):
+        ops = [(f"doc_{i}", DocSoftmaxOp(*softmax_args(i))) for i in impls]
+        for name, op in ops + [("per_doc_sdpa", SoftmaxOp())]:
             def f():
                 for x in (q, k, v):
                     x.grad = None
                 op(q, k, v, cu, 1 / math.sqrt(K_DIM)).backward(do)
             row[name + "_ms"] = timeit(f, a.warmup, a.iters, together=False) * 1e3
-        row["speedup"] = row["per_doc_sdpa_ms"] / row["doc_op_ms"]
-        log(f"softmax op T={T} docs={len(lens)}: FlexAttention {row['doc_op_ms']:.2f} ms, "
-            f"SoftmaxOp (flash varlen) {row['per_doc_sdpa_ms']:.2f} ms")
+        for i in impls:
+            row[f"speedup_{i}"] = row["per_doc_sdpa_ms"] / row[f"doc_{i}_ms"]
+        log(f"softmax op T={T} docs={len(lens)}: " + ", ".join(
+            f"DocSoftmaxOp {IMPL_NAMES[i]} {row[f'doc_{i}_ms']:.2f} ms" for i in impls)
+            + f", SoftmaxOp (flash varlen) {row['per_doc_sdpa_ms']:.2f} ms")
         out.append(row)
     return out
 
@@ -363,7 +392,7 @@ def bench_lightning(sizes, a, balances):
 
 
 # ------------------------------------------------------------------------------------- ring
-def bench_ring(sizes, a, balances):
+def bench_ring(sizes, a, balances, impls):
     T = sizes["ring_T"]  # whole batch (all GPUs)
     H, G = sizes["ring_heads"]
     lens = packed_lengths(T, sizes["ring_doc"][0], sizes["ring_doc"][1], seed=7)
@@ -385,20 +414,29 @@ def bench_ring(sizes, a, balances):
                 x.grad = None
             op(qs, ks, vs, cu_t, 1 / math.sqrt(K_DIM)).backward(dos)
         return f
-    cu_full = dev_cu(cu)
-    if RANK == 0 or WORLD == 1:  # CP=1: the whole batch on one GPU
-        base["cp1_ms"] = timeit(run(DocSoftmaxOp(), cu_full, slice(0, T)), a.warmup, a.iters,
-                                together=False) * 1e3
-    else:
-        base["cp1_ms"] = 0.0
-    barrier()
-    base["cp1_ms"] = slowest(base["cp1_ms"])
+    out = []
+    for impl in impls:  # CP=1 and CP=2 on the same softmax impl
+        cu_full = dev_cu(cu)
+        base["softmax_impl"] = impl
+        if RANK == 0 or WORLD == 1:  # CP=1: the whole batch on one GPU
+            base["cp1_ms"] = timeit(run(DocSoftmaxOp(*softmax_args(impl)), cu_full, slice(0, T)),
+                                    a.warmup, a.iters, together=False) * 1e3
+        else:
+            base["cp1_ms"] = 0.0
+        barrier()
+        base["cp1_ms"] = slowest(base["cp1_ms"])
+        out += ring_rows(dict(base), run, cu, T, balances, impl, a)
+    return out
+
+
+def ring_rows(base, run, cu, T, balances, impl, a):
     out = []
     for balance in balances if WORLD > 1 else (None,):
         row = dict(base, balance=balance)
         if balance is not None:
             cu_l, sl = local_piece(cu, 1, T, balance)
-            mine = timeit(run(ContextSoftmaxOp(cpx_for(balance)), cu_l, sl), a.warmup, a.iters)
+            op = ContextSoftmaxOp(cpx_for(balance), DocAttention(*softmax_args(impl)))
+            mine = timeit(run(op, cu_l, sl), a.warmup, a.iters)
             per_rank = gather_floats(mine * 1e3)
             row["cp_ms_per_rank"] = per_rank
             row["cp_ms"] = max(per_rank)
@@ -424,13 +462,17 @@ SIZES = {
 
 def table(res):
     lines = []
+    impls = res["softmax_impls"]
     if res["softmax_op"]:
-        lines += ["", "local softmax op, fwd+bwd (H=%d over G=%d KV heads, d=128)" % (
-            res["softmax_op"][0]["H"], res["softmax_op"][0]["G"]),
-            f"{'T':>8} {'docs':>5} {'FlexAttention ms':>17} {'SoftmaxOp ms':>16} {'speed-up':>9}"]
+        lines += ["", "local softmax op, fwd+bwd (H=%d over G=%d KV heads, d=128): DocSoftmaxOp "
+                  "per impl vs SoftmaxOp (speed-up = SoftmaxOp / DocSoftmaxOp)" % (
+                      res["softmax_op"][0]["H"], res["softmax_op"][0]["G"]),
+                  f"{'T':>8} {'docs':>5} " + "".join(f"{i + ' ms':>12} {'speed-up':>9} "
+                                                     for i in impls) + f"{'SoftmaxOp ms':>13}"]
         for r in res["softmax_op"]:
-            lines.append(f"{r['T']:>8} {r['docs']:>5} {r['doc_op_ms']:>17.3f} "
-                         f"{r['per_doc_sdpa_ms']:>16.3f} {r['speedup']:>9.2f}")
+            lines.append(f"{r['T']:>8} {r['docs']:>5} " + "".join(
+                f"{r[f'doc_{i}_ms']:>12.3f} {r[f'speedup_{i}']:>9.2f} " for i in impls)
+                + f"{r['per_doc_sdpa_ms']:>13.3f}")
     lines += ["", f"lightning fwd+bwd, one document per row, CP={WORLD} (ns/token per GPU; "
               f"vs CP=1 = per-GPU throughput relative to one GPU; comm = collectives alone / op)",
               f"{'H':>3} {'T/GPU':>8} {'CP=1 ns/tok':>12} " + "".join(
@@ -443,10 +485,12 @@ def table(res):
                   f"{r[key + '_comm_share']:>6.1%} ")
         lines.append(s)
     for r in res["ring"]:
-        lines += ["", f"varlen ring attention fwd+bwd: {r['T_total']} tokens, {r['docs']} docs "
+        lines += ["", f"varlen ring attention fwd+bwd, softmax impl {r['softmax_impl']} "
+                  f"({IMPL_NAMES[r['softmax_impl']]}): {r['T_total']} tokens, {r['docs']} docs "
                   f"(max {r['max_doc']}), H={r['H']} over G={r['G']}"
                   + (f", {r['balance']} partition" if r["balance"] else ""),
-                  f"CP=1 (whole batch, one GPU): {r['cp1_ms']:.3f} ms"]
+                  f"CP=1 (whole batch, one GPU, DocSoftmaxOp {r['softmax_impl']}): "
+                  f"{r['cp1_ms']:.3f} ms"]
         if WORLD > 1:
             lines.append(f"CP={WORLD}: {r['cp_ms']:.3f} ms (per rank {', '.join(f'{x:.3f}' for x in r['cp_ms_per_rank'])}); "
                          f"fraction of ideal scaling {r['ideal_fraction']:.3f}; attended pairs per "
@@ -465,6 +509,9 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--skip", default="", help="comma list of sections to skip: softmax_op, "
                     "lightning, ring")
+    ap.add_argument("--softmax-impl", default=None,
+                    help="comma list of softmax impls for the softmax sections: flash, flex "
+                    "(default flash,flex; flash under --cpu-smoke)")
     ap.add_argument("--balance", default="zigzag,zigzag2,contiguous",
                     help="comma list of CP partitions to measure (parallel.cp_balance): zigzag, "
                     "zigzagR (R rounds), contiguous")
@@ -489,12 +536,20 @@ def main():
     if WORLD > 1:
         dist.init_process_group(backend, timeout=datetime.timedelta(
             seconds=60 if a.cpu_smoke else 600))
+    impls = [i for i in (a.softmax_impl or ("flash" if a.cpu_smoke else "flash,flex")).split(",")
+             if i]
+    if (not impls or any(i not in IMPL_NAMES for i in impls)
+            or (a.cpu_smoke and impls != ["flash"])):
+        raise SystemExit(f"--softmax-impl: {a.softmax_impl!r}; give a comma list of flash and "
+                         "flex (under --cpu-smoke only flash: eager FlexAttention has no CPU "
+                         "backward)")
     sizes = SIZES["smoke" if a.cpu_smoke else "gpu"]
     skip = set(filter(None, a.skip.split(",")))
     t0 = time.time()
     res = {"device": torch.cuda.get_device_name(DEV) if DEV.type == "cuda" else platform.processor() or "cpu",
            "world": WORLD, "torch": torch.__version__, "python": platform.python_version(),
-           "backend": backend, "warmup": a.warmup, "iters": a.iters, "balances": balances}
+           "backend": backend, "warmup": a.warmup, "iters": a.iters, "balances": balances,
+           "softmax_impls": impls}
     names = {"laspplus": "LASP+", "laspplus-unfused": "LASP+ unfused", "lasp": "LASP"}
     res["lightning_columns"] = ([(f"{m}_{b}", names[m]
                                   + f" {b[:3]}{b[6:]}") for b in balances for m in modes_for(b)]
@@ -504,11 +559,11 @@ def main():
         res["triton"] = triton.__version__
     except Exception:  # noqa: BLE001
         res["triton"] = None
-    res["checks"] = run_checks(sizes, balances)
-    res["softmax_op"] = [] if "softmax_op" in skip else bench_softmax_op(sizes, a)
+    res["checks"] = run_checks(sizes, balances, impls)
+    res["softmax_op"] = [] if "softmax_op" in skip else bench_softmax_op(sizes, a, impls)
     barrier()
     res["lightning"] = [] if "lightning" in skip else bench_lightning(sizes, a, balances)
-    res["ring"] = [] if "ring" in skip else bench_ring(sizes, a, balances)
+    res["ring"] = [] if "ring" in skip else bench_ring(sizes, a, balances, impls)
     res["wall_s"] = time.time() - t0
     if RANK == 0:
         print(table(res), flush=True)

@@ -29,6 +29,11 @@ def test_bench_context_cpu_smoke_two_processes(tmp_path):
                 "lasp_contiguous_ms",
                 "laspplus_zigzag_comm_share", "lasp_contiguous_comm_share"):
         assert row[key] > 0, key
+    # the softmax sections ran flash (its kernel calls on the CPU stand-in), CP=1 included
+    assert res["softmax_impls"] == ["flash"] and "DocSoftmaxOp (flash) vs torch reference" in names
+    assert all(r["doc_flash_ms"] > 0 for r in res["softmax_op"])
+    assert all(r["softmax_impl"] == "flash" for r in res["ring"])
+    assert "CP=1 (whole batch, one GPU, DocSoftmaxOp flash)" in p.stdout
     rings = {r["balance"]: r for r in res["ring"]}
     assert set(rings) == {"zigzag", "zigzag2", "contiguous"}
     for ring in rings.values():
