@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmtrain.config import ModelConfig
-from mmtrain.model.compiled import Region, rms_args
-from mmtrain.model.layers import (RMSNorm, apply_partial_rope, lightning_slopes, rope_cos_sin,
-                                  rope_qk_compiled, xavier_normal_)
+from mmtrain.model.compiled import Region
+from mmtrain.model.layers import (RMSNorm, apply_partial_rope, lightning_slopes, rms_args,
+                                  rope_cos_sin, rope_qk_compiled, xavier_normal_)
 from mmtrain.model.moe import compute_dtype
 from mmtrain.model.ops import LightningOp, SoftmaxOp
 from mmtrain.model.recompute import maybe_checkpoint

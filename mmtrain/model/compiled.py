@@ -82,14 +82,6 @@ class Region:
         return -1 if get is None else len(get(self.fn.__code__))
 
 
-def rms_args(norm) -> tuple | None:
-    """(weight, eps) of a plain :class:`~mmtrain.model.layers.RMSNorm` module, else None (a
-    swapped-in norm such as TP's full-width one keeps its own forward, run eagerly)."""
-    from mmtrain.model.layers import RMSNorm
-
-    return (norm.weight, norm.eps) if type(norm) is RMSNorm else None
-
-
 def summary() -> str:
     """One line for the log: the graphs each region holds (1 each once warm; 0: this model or
     layout does not use the region; more: a guard changed, e.g. grad mode or a dtype)."""

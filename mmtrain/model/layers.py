@@ -31,6 +31,12 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+def rms_args(norm) -> tuple | None:
+    """(weight, eps) of a plain :class:`RMSNorm` module, else None: a swapped-in norm (TP's
+    full-width one) keeps its own forward, run eagerly (``train.compile``)."""
+    return (norm.weight, norm.eps) if type(norm) is RMSNorm else None
+
+
 def residual_norm(x, y, alpha, weight, eps: float, keep_sum: bool):
     """``N(α·x + y)`` (``alpha`` None: ``N(x + y)``) with N an :class:`RMSNorm` of gain
     ``weight``; with ``keep_sum`` the pair (sum, norm). The decoder layer's residual add and

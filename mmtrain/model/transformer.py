@@ -18,8 +18,7 @@ import torch.nn as nn
 
 from mmtrain.config import ModelConfig
 from mmtrain.model.attention import LightningAttention, SoftmaxAttention
-from mmtrain.model.compiled import rms_args
-from mmtrain.model.layers import RMSNorm, residual_norm_compiled
+from mmtrain.model.layers import RMSNorm, residual_norm_compiled, rms_args
 from mmtrain.model.moe import Balance, MoE
 from mmtrain.model.recompute import MODES as RECOMPUTE_MODES
 from mmtrain.model.recompute import checkpoint_moe_layer
