@@ -5,8 +5,8 @@ Why only regions, and which: the expensive parts of a step are already hand-writ
 model's control flow (varlen documents, MoE dispatch, collectives, checkpointing) is exactly what a
 whole-model compile handles badly (graph breaks, host syncs, recompiles). What is left between
 those kernels is chains of elementwise ops and row reductions that eager PyTorch runs as one
-kernel launch (and one trip through memory) each; inductor fuses each chain into one or two
-kernels, forward and backward. The regions (each wraps a function of the model file named):
+kernel launch (and one trip through memory) each; inductor fuses each chain into few kernels,
+forward and backward. The regions (each wraps a function of the model file named):
 
 ``residual_norm``  (layers.py) DeepNorm's ``N(α·x + f(x))`` (pre-norm: ``h + f(x)`` and its
                    norm): the residual add of the attention output and the post-attention RMSNorm.
@@ -24,8 +24,8 @@ kernels, forward and backward. The regions (each wraps a function of the model f
 Not compiled: the SwiGLU activation of the experts. On CUDA the model always runs it (forward
 and backward) as the fused Triton kernel of ``kernels/swiglu.py`` (the grouped-GEMM path: bf16 and
 fp32, contiguous by construction); on CPU the per-expert loop runs it in place on cache-sized
-pieces whose row counts change every step and include 1, a size dynamo specialises (a recompile
-per new 1-row expert) — and the CPU is not where step time matters.
+pieces whose row counts change every step and include 1, a size dynamo specialises (another
+graph the first time an expert gets one row) — and the CPU is not where step time matters.
 
 Dynamic shapes: only the token dimension (dim 0: the packed ``B·T`` tokens of a micro-batch, or
 this rank's sequence shard / CP pieces) is marked dynamic, before every call
@@ -39,8 +39,12 @@ not trace in one graph fails loudly instead of silently running partly eager.
 Each region is compiled once per process on its first call (lazily: with the switch off nothing is
 imported or compiled) and then serves every layer of the model: the weights are graph inputs (no
 guard on which layer's), ``alpha``/``eps`` the same in every layer. Guards that legitimately add a
-graph once: grad mode (evaluation under ``no_grad``), the autocast state, a dtype change. With the switch off the model
-runs the eager code unchanged, bit for bit.
+graph once: grad mode (evaluation under ``no_grad``), the autocast state, a dtype change. With
+the switch off the model runs the eager code unchanged, bit for bit.
+
+Precision: a compiled region computes in registers what the eager code rounds after every op, so
+in bf16 the results differ by bf16 rounding (in fp32 by a few ulps), and a near-tied router choice
+may then flip.
 """
 
 from __future__ import annotations
