@@ -116,7 +116,8 @@ def test_compiled_model_matches_eager(eager, mode, fused, scheme):
 
 
 def test_eager_path_is_unchanged_when_off(eager):
-    """Off (the default), no region runs: the eager code, bit for bit, twice the same."""
+    """Off (the default) no compiled region is called: the eager code runs, and reproduces the
+    eager numbers bit for bit."""
     calls = []
     for r in compiled.REGIONS:  # any call of a compiled region would be recorded
         r._saved_call = r._compiled
@@ -208,7 +209,6 @@ def test_regions_in_bf16_are_as_accurate_as_eager(case):
     for e, c, r in zip(eag_out + eag_grad, cmp_out + cmp_grad, ref_out + ref_grad):
         assert c.dtype == e.dtype  # the same output dtypes as the eager code
         assert _rel(c, r) <= max(2 * _rel(e, r), 4e-3), (fn.__name__, _rel(c, r), _rel(e, r))
-
 
 
 def test_route_choice_in_bf16_picks_the_eager_experts():
