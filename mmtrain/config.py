@@ -223,6 +223,11 @@ class TrainConfig:
     fused_ce: bool = True
     fused_ce_chunk: int = 4096
     recompute: str = "none"
+    # Speed (mmtrain/model/compiled.py): run the model's small pure-tensor regions (residual add +
+    # RMSNorm, router softmax/top-k, RoPE, lightning output norm + gate) through torch.compile,
+    # compiled once per process with the token dimension dynamic (no recompile per document
+    # layout); false: the eager code, bit for bit.
+    compile: bool = False
 
     def validate(self, path: str = "train") -> None:
         if self.max_steps < 1:
@@ -275,6 +280,8 @@ class TrainConfig:
                   f"(4096 is a good start; lower it if one chunk's logits do not fit)")
         if self.recompute not in ("none", "selective", "full"):
             _fail(f"{path}.recompute", f"unknown '{self.recompute}'; use none, selective or full")
+        if not isinstance(self.compile, bool):
+            _fail(f"{path}.compile", f"must be true or false, got {self.compile!r}")
 
 
 # --------------------------------------------------------------------------------------------------

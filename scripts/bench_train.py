@@ -3,6 +3,10 @@
     python scripts/bench_train.py [--gpus N] [--steps 30] [--layouts tp=1,ep=2+etp=1]
                                   [--out bench_train.json] [overrides...]
 
+Overrides are recipe settings passed to every run, e.g. ``train.compile=true`` (the compiled
+regions of ``mmtrain/model/compiled.py``; each rank compiles in its first step, which the
+``--warmup`` steps leave out of the medians) or ``train.recompute=full``.
+
 For each layout (default: every tp in the divisors of N, dp = N / tp; ``--layouts`` takes a comma
 list of ``+``-joined ``parallel.*`` settings such as ``ep=2`` or ``tp=2+ep=2``) it launches
 ``torchrun --nproc-per-node N`` on this script in worker mode, which runs the real trainer (``mmtrain.train.loop.train``: bucketed gradient

@@ -55,6 +55,7 @@ def main():
     model, par = loop.build_parallel(cfg, topo, dev)
     opt = loop.build_optimizer(par, cfg.train)
     model.set_recompute(cfg.train.recompute)
+    model.set_compile(cfg.train.compile)
     tokens = cfg.train.global_batch * cfg.data.seq_len
 
     def step():

@@ -13,11 +13,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmtrain.config import ModelConfig
-from mmtrain.model.layers import (RMSNorm, apply_partial_rope, lightning_slopes, rope_cos_sin,
-                                  xavier_normal_)
+from mmtrain.model.compiled import Region
+from mmtrain.model.layers import (RMSNorm, apply_partial_rope, lightning_slopes, rms_args,
+                                  rope_cos_sin, rope_qk_compiled, xavier_normal_)
 from mmtrain.model.moe import compute_dtype
 from mmtrain.model.ops import LightningOp, SoftmaxOp
 from mmtrain.model.recompute import maybe_checkpoint
+
+
+def norm_gate(o_TW, weight, eps: float, gate_TW, dtype):
+    """Lightning attention's output :class:`RMSNorm` (gain ``weight``) of ``o`` in ``dtype``,
+    times the sigmoid of the gate projection: the ops of ``LightningAttention._core``
+    (``train.compile``: :data:`norm_gate_compiled`)."""
+    o = o_TW.to(dtype)
+    w = weight if weight.dtype == o.dtype else weight.to(o.dtype)
+    return F.rms_norm(o, (o.shape[-1],), w, eps) * torch.sigmoid(gate_TW)
+
+
+norm_gate_compiled = Region(norm_gate, token_args=(0, 3))
 
 
 class LightningAttention(nn.Module):
@@ -41,6 +54,7 @@ class LightningAttention(nn.Module):
         self.head_start, self.total_heads, self.num_layers = 0, cfg.num_heads, cfg.num_layers
         self.core = LightningOp(cfg.lightning_block_size)
         self.recompute_core = False  # train.recompute=selective (mmtrain.model.recompute)
+        self.use_compiled = False  # train.compile (mmtrain.model.compiled)
 
     def reset_buffers(self):
         s = lightning_slopes(self.layer_idx, self.num_layers, self.total_heads)
@@ -62,6 +76,9 @@ class LightningAttention(nn.Module):
         qkv = F.silu(qkv_T3).view(T, H, 3 * K)
         q, k, v = qkv.split(K, dim=-1)  # per-head layout: [q_h | k_h | v_h] for each head
         o, _ = self.core(q[None], k[None], v[None], self.slopes, cu_seqlens)
+        norm = rms_args(self.norm) if self.use_compiled else None
+        if norm is not None:
+            return norm_gate_compiled(o[0].reshape(T, H * K), *norm, gate_TW, dtype)
         o = self.norm(o[0].reshape(T, H * K).to(dtype))
         return o * torch.sigmoid(gate_TW)
 
@@ -90,15 +107,19 @@ class SoftmaxAttention(nn.Module):
         self.rope_theta = cfg.rope_theta
         self.layer_idx = layer_idx
         self.core = SoftmaxOp()
+        self.use_compiled = False  # train.compile (mmtrain.model.compiled)
 
     def forward(self, x_TD, cu_seqlens, position_ids):
         T = x_TD.shape[0]
         q = self.q_proj(x_TD).view(T, self.num_heads, self.head_dim)
         k = self.k_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
-        cos, sin = rope_cos_sin(position_ids, self.rotary_dim, self.rope_theta, q.dtype)
-        q = apply_partial_rope(q, cos, sin, self.rotary_dim)
-        k = apply_partial_rope(k, cos, sin, self.rotary_dim)
+        if self.use_compiled and self.rotary_dim:
+            q, k = rope_qk_compiled(q, k, position_ids, self.rotary_dim, self.rope_theta)
+        else:
+            cos, sin = rope_cos_sin(position_ids, self.rotary_dim, self.rope_theta, q.dtype)
+            q = apply_partial_rope(q, cos, sin, self.rotary_dim)
+            k = apply_partial_rope(k, cos, sin, self.rotary_dim)
         o = self.core(q, k, v, cu_seqlens, 1.0 / math.sqrt(self.head_dim))
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
 

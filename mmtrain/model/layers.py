@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmtrain.model.compiled import Region
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -27,6 +29,26 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self):
         nn.init.ones_(self.weight)
+
+
+def rms_args(norm) -> tuple | None:
+    """(weight, eps) of a plain :class:`RMSNorm` module, else None: a swapped-in norm (TP's
+    full-width one) keeps its own forward, run eagerly (``train.compile``)."""
+    return (norm.weight, norm.eps) if type(norm) is RMSNorm else None
+
+
+def residual_norm(x, y, alpha, weight, eps: float, keep_sum: bool):
+    """``N(α·x + y)`` (``alpha`` None: ``N(x + y)``) with N an :class:`RMSNorm` of gain
+    ``weight``; with ``keep_sum`` the pair (sum, norm). The decoder layer's residual add and
+    post-attention norm, the same ops as its eager code (``train.compile``:
+    :data:`residual_norm_compiled`)."""
+    h = x + y if alpha is None else alpha * x + y
+    w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
+    m = F.rms_norm(h, (h.shape[-1],), w, eps)
+    return (h, m) if keep_sum else m
+
+
+residual_norm_compiled = Region(residual_norm, token_args=(0, 1))
 
 
 def lightning_slopes(layer: int, num_layers: int, num_heads: int) -> torch.Tensor:
@@ -54,6 +76,17 @@ def apply_partial_rope(x_THK: torch.Tensor, cos, sin, rotary_dim: int) -> torch.
     c, s = cos[:, None, :], sin[:, None, :]
     rotated = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
     return torch.cat([rotated, rest], dim=-1)
+
+
+def rope_qk(q_THK, k_TGK, position_ids, rotary_dim: int, theta: float):
+    """Partial RoPE of q and k (:func:`rope_cos_sin` then :func:`apply_partial_rope` on each),
+    as softmax attention's eager code does it (``train.compile``: :data:`rope_qk_compiled`)."""
+    cos, sin = rope_cos_sin(position_ids, rotary_dim, theta, q_THK.dtype)
+    return (apply_partial_rope(q_THK, cos, sin, rotary_dim),
+            apply_partial_rope(k_TGK, cos, sin, rotary_dim))
+
+
+rope_qk_compiled = Region(rope_qk, token_args=(0, 1, 2))
 
 
 def xavier_normal_(w: torch.Tensor, gain: float = 1.0, generator=None) -> torch.Tensor:

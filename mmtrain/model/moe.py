@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmtrain.config import ModelConfig
+from mmtrain.model.compiled import Region
 from mmtrain.model.layers import xavier_normal_
 
 
@@ -62,17 +63,50 @@ class Routing:
     recompute_combine: bool = False
 
 
-def route(logits_TE: torch.Tensor, top_k: int, capacity_factor: float | None,
-          idx_TK: torch.Tensor | None = None) -> Routing:
-    """Top-k routing; ``idx_TK`` given: these experts (a recomputation replays the original
-    forward's choice), weights from ``logits_TE`` all the same."""
+def route_weights(logits_TE: torch.Tensor, top_k: int, idx_TK: torch.Tensor | None = None):
+    """(probs_TE, idx_TK, weight_TK): the fp32 softmax, the top-k experts (``idx_TK`` given:
+    these), their probabilities renormalised to sum 1."""
     probs = torch.softmax(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)), dim=-1)
     if idx_TK is None:
         with torch.no_grad():
             idx_TK = torch.topk(probs, top_k, dim=-1).indices
     w = probs.gather(1, idx_TK)  # the same graph either way (a recomputation must match it)
-    idx = idx_TK
     w = w / w.sum(dim=-1, keepdim=True)
+    return probs, idx_TK, w
+
+
+def route_choice(logits_TE: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The top-k experts of :func:`route_weights` alone (no gradient)."""
+    probs = torch.softmax(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)), dim=-1)
+    return torch.topk(probs, top_k, dim=-1).indices
+
+
+def route_probs(logits_TE: torch.Tensor, idx_TK: torch.Tensor):
+    """(probs_TE, weight_TK) of :func:`route_weights` for the given experts."""
+    probs, _, w = route_weights(logits_TE, 0, idx_TK)
+    return probs, w
+
+
+# train.compile (mmtrain.model.compiled): the choice and the weights are two graphs, so that a
+# forward and its recomputation under train.recompute=full (which replays the choice) run the
+# same weights graph; the choice recomputes the softmax (T·E, cheap) without autograd.
+route_choice_compiled = Region(route_choice, token_args=(0,))
+route_probs_compiled = Region(route_probs, token_args=(0, 1))
+
+
+def route(logits_TE: torch.Tensor, top_k: int, capacity_factor: float | None,
+          idx_TK: torch.Tensor | None = None, compiled: bool = False) -> Routing:
+    """Top-k routing; ``idx_TK`` given: these experts (a recomputation replays the original
+    forward's choice), weights from ``logits_TE`` all the same. ``compiled``: the math after
+    the router GEMM through its compiled regions."""
+    if compiled:
+        if idx_TK is None:
+            with torch.no_grad():
+                idx_TK = route_choice_compiled(logits_TE, top_k)
+        probs, w = route_probs_compiled(logits_TE, idx_TK)
+        idx = idx_TK
+    else:
+        probs, idx, w = route_weights(logits_TE, top_k, idx_TK)
     keep = capacity_keep(idx, probs.shape[-1], capacity_factor)
     return Routing(idx, w, keep, probs)
 
@@ -486,6 +520,7 @@ class MoE(nn.Module):
         self.balance = Balance(cfg.global_routing)
         self.last_stats: dict = {}
         self.recompute_combine = False  # train.recompute=selective (mmtrain.model.recompute)
+        self.use_compiled = False  # train.compile (mmtrain.model.compiled)
 
     def forward(self, x_TD: torch.Tensor):
         """Returns (y_TD, aux) with aux this call's differentiable aux term (see the module
@@ -496,10 +531,11 @@ class MoE(nn.Module):
         tape = self.balance.tape
         if tape is not None and tape.replay:  # recomputation: the original forward's decisions
             saved = tape.entries[self.layer_idx]
-            routing = route(logits, self.top_k, None, idx_TK=saved["idx"])
+            routing = route(logits, self.top_k, None, idx_TK=saved["idx"],
+                            compiled=self.use_compiled)
             routing.keep_TK = saved["keep"]
         else:
-            routing = route(logits, self.top_k, None)
+            routing = route(logits, self.top_k, None, compiled=self.use_compiled)
             routing.keep_TK = self.balance.keep(routing.idx_TK, self.num_experts,
                                                 self.capacity_factor)
         routing.recompute_combine = self.recompute_combine

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from mmtrain.config import ModelConfig
 from mmtrain.model.attention import LightningAttention, SoftmaxAttention
-from mmtrain.model.layers import RMSNorm
+from mmtrain.model.layers import RMSNorm, residual_norm_compiled, rms_args
 from mmtrain.model.moe import Balance, MoE
 from mmtrain.model.recompute import MODES as RECOMPUTE_MODES
 from mmtrain.model.recompute import checkpoint_moe_layer
@@ -44,8 +44,21 @@ class DecoderLayer(nn.Module):
         self.moe = MoE(cfg, layer_idx)
         self.deepnorm = cfg.norm_scheme == "deepnorm"
         self.alpha = cfg.deepnorm_alpha if self.deepnorm else 1.0
+        self.use_compiled = False  # train.compile (mmtrain.model.compiled)
 
     def forward(self, h, cu_seqlens, position_ids):
+        post = rms_args(self.post_norm) if self.use_compiled else None
+        if post is not None:  # the residual add and the post-attention norm: one compiled region
+            if self.deepnorm:
+                a = self.input_norm(h)
+                m = residual_norm_compiled(a, self.attn(a, cu_seqlens, position_ids),
+                                           self.alpha, *post, False)
+                y, aux = self.moe(m)
+                return self.alpha * m + y, aux
+            h, m = residual_norm_compiled(h, self.attn(self.input_norm(h), cu_seqlens,
+                                                       position_ids), None, *post, True)
+            y, aux = self.moe(m)
+            return h + y, aux
         if self.deepnorm:
             a = self.input_norm(h)
             h = self.alpha * a + self.attn(a, cu_seqlens, position_ids)
@@ -68,6 +81,7 @@ class MiniMaxModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.set_balance(Balance(cfg.global_routing))
         self.recompute = "none"
+        self.use_compiled = False
 
     def set_recompute(self, mode: str) -> None:
         """Activation recomputation: ``none``, ``selective`` or ``full`` (see
@@ -80,6 +94,15 @@ class MiniMaxModel(nn.Module):
             if isinstance(layer.attn, LightningAttention):  # softmax: flash saves o and lse only
                 layer.attn.recompute_core = mode == "selective"
             layer.moe.recompute_combine = mode == "selective"
+
+    def set_compile(self, on: bool) -> None:
+        """``train.compile``: run the small pure-tensor regions of every layer (residual + norm,
+        router math, RoPE, lightning output norm + gate) through ``torch.compile``
+        (:mod:`mmtrain.model.compiled`); off: the eager code. Read at forward time, like
+        :meth:`set_recompute`."""
+        self.use_compiled = bool(on)
+        for layer in self.layers:
+            layer.use_compiled = layer.attn.use_compiled = layer.moe.use_compiled = bool(on)
 
     # ----------------------------------------------------------------------------------------
     def set_balance(self, balance: Balance) -> None:

@@ -149,6 +149,7 @@ def train(cfg: Config) -> TrainResult:
     torch.manual_seed(tcfg.seed)
     model, par = build_parallel(cfg, topology, device)
     model.set_recompute(tcfg.recompute)
+    model.set_compile(tcfg.compile)
     optimizer = build_optimizer(par, tcfg)
     start_step = 0
     if latest is not None:
@@ -297,6 +298,10 @@ def train(cfg: Config) -> TrainResult:
                     break
             else:
                 exit_reason = "done"
+            if tcfg.compile:
+                from mmtrain.model.compiled import summary
+
+                logger.message(summary())
         except RuntimeError as exc:  # gloo/NCCL errors (DistBackendError is one)
             if world > 1 and wd.phase_name.split(" ", 1)[0] in COLLECTIVE_PHASES \
                     and not isinstance(exc, TrainingAborted):
