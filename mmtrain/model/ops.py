@@ -16,10 +16,11 @@ Which softmax op runs where: the model's default core is :class:`SoftmaxOp` (on 
 precision flash-attn's varlen kernel when installed, else torch's built-in FlashAttention-2 varlen
 kernel — one launch, no host sync; elsewhere one SDPA call per document, said once in the log on
 CUDA). :class:`mmtrain.model.doc_attention.DocSoftmaxOp` is the
-document-masked alternative with the same interface (FlexAttention with a block mask on CUDA, no
-host sync; the exact torch reference on CPU). Under context parallelism the softmax cores are
+document-masked alternative with the same interface (on CUDA in fp16/bf16 torch's
+FlashAttention-2 varlen kernel, FlexAttention with a block mask where that cannot run or when
+chosen; the exact torch reference on CPU). Under context parallelism the softmax cores are
 Varlen Ring Attention (:mod:`mmtrain.parallel.ring`) around
-:class:`mmtrain.model.doc_attention.DocAttention` (the same two implementations, returning the
+:class:`mmtrain.model.doc_attention.DocAttention` (the same implementations, returning the
 log-sum-exp).
 """
 
