@@ -302,6 +302,9 @@ class ZeroAdamW:
     then are the parameters converted, so the rounding happens once, at the copy, and never
     accumulates in the weights (an update below bf16's resolution still moves the master).
 
+    Weight decay: an fp32 mask over the owned shard (ZeRO-1); over whole buckets the runs of
+    decayed parameters instead (no mask: 4 bytes a parameter less on every rank).
+
     ``param_groups`` is a one-group list so ``set_lr`` works unchanged."""
 
     def __init__(self, sync: GradSync, lr: float, betas: tuple, eps: float, weight_decay: float,
@@ -314,20 +317,32 @@ class ZeroAdamW:
         self.param_groups = [{"lr": lr, "betas": betas, "eps": eps,
                               "weight_decay": weight_decay}]
         self.step_count = 0
-        self.shards = []  # per bucket: dict(master, exp_avg, exp_avg_sq, wd_mask)
+        self.shards = []  # per bucket: master, exp_avg, exp_avg_sq, wd_mask or decay_runs
         for b in sync.buckets:
             flat = torch.zeros(b.padded, dtype=torch.float32, device=b.grad.device)
-            mask = torch.zeros(b.padded, dtype=torch.float32, device=b.grad.device)
             for info, view in b.views(flat):
                 view.copy_(info.param.detach())
-            for info, view in b.views(mask):
-                view.fill_(1.0 if info.decay else 0.0)
             own = self.region(b)
             n = own.stop - own.start
-            self.shards.append({"master": flat[own].clone() if self.sharded else flat,
-                                "exp_avg": torch.zeros(n, device=flat.device),
-                                "exp_avg_sq": torch.zeros(n, device=flat.device),
-                                "wd_mask": mask[own].clone() if self.sharded else mask})
+            st = {"master": flat[own].clone() if self.sharded else flat,
+                  "exp_avg": torch.zeros(n, device=flat.device),
+                  "exp_avg_sq": torch.zeros(n, device=flat.device)}
+            if self.sharded:
+                mask = torch.zeros(b.padded, dtype=torch.float32, device=b.grad.device)
+                for info, view in b.views(mask):
+                    view.fill_(1.0 if info.decay else 0.0)
+                st["wd_mask"] = mask[own].clone()
+            else:  # [start, stop) runs of adjacent decayed parameters
+                runs = []
+                for info, off in zip(b.infos, b.offsets):
+                    if not info.decay:
+                        continue
+                    if runs and runs[-1][1] == off:
+                        runs[-1][1] = off + info.param.numel()
+                    else:
+                        runs.append([off, off + info.param.numel()])
+                st["decay_runs"] = runs
+            self.shards.append(st)
         if param_dtype != torch.float32:
             with torch.no_grad():  # the masters hold the fp32 values now: round the params once
                 for info in sync.infos:
@@ -353,7 +368,11 @@ class ZeroAdamW:
         for b, st in zip(self.sync.buckets, self.shards):
             p, m, v = st["master"], st["exp_avg"], st["exp_avg_sq"]
             grad = b.shard_grad if self.sharded else b.grad
-            p.mul_(1 - lr * wd * st["wd_mask"])
+            if self.sharded:
+                p.mul_(1 - lr * wd * st["wd_mask"])
+            elif lr * wd:
+                for a, z in st["decay_runs"]:
+                    p[a:z].mul_(1 - lr * wd)
             m.lerp_(grad, 1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (v.sqrt() / bc2_sqrt).add_(eps)
