@@ -349,3 +349,32 @@ def test_checkpoints_hold_fp32_weights_and_load_across_param_dtypes(tmp_path):
                     assert torch.equal(info.param.detach(), want.to(torch.bfloat16))
                 else:
                     assert torch.equal(info.param.detach(), want), (src, info.name)
+
+
+def _read_all(path) -> dict:
+    md = ckpt.SafeReader(str(path)).read_metadata()
+    out = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
+           for k, v in md.state_dict_metadata.items()}
+    ckpt.dcp_load(out, path)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_nonfinite_gradient_skips_the_bf16_step(tmp_path, monkeypatch):
+    """The test-only NaN lands in the fp32 buckets (no ``p.grad`` exists): the step is skipped,
+    masters and moments stay as they were, and the next step (whose first micro-batch overwrites
+    the buckets) trains again."""
+    ovr = SMALL + BF16 + ["train.micro_batch=2", "train.ckpt_every=1", "train.keep_last=3",
+                          f"run.dir={tmp_path}"]
+    monkeypatch.setenv("MMTRAIN_FAULT", "nan_grad@2")
+    res = train(load_config(ovr + ["train.max_steps=2"]))
+    assert res.skipped == [2] and res.final_step == 2
+    monkeypatch.delenv("MMTRAIN_FAULT")
+    more = train(load_config(ovr + ["train.max_steps=3"]))
+    assert more.skipped == [] and [s for s, _ in more.losses] == [3]
+    root = ckpt.checkpoint_root(tmp_path)
+    s1, s2, s3 = (_read_all(root / f"step_0000000{i}") for i in (1, 2, 3))
+    assert any(k.startswith("optim.") for k in s1)
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), k
+    assert not torch.equal(s3["model.embed.weight"], s2["model.embed.weight"])
