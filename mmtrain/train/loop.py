@@ -183,7 +183,7 @@ def train(cfg: Config) -> TrainResult:
                           if start_step >= tcfg.max_steps else ""))
     logger.message(f"model: {acct.params_total / 1e6:.2f}M params "
                    f"({acct.params_active / 1e6:.2f}M active, "
-                   + ("bf16 with fp32 masters" if bf16_params else "fp32") + f"), "
+                   + ("bf16 params, fp32 masters" if bf16_params else "fp32 params") + f"), "
                    f"{world} process(es) on {device}; "
                    + layout_summary(cfg.parallel, cfg.data.seq_len, topology.dp))
     result = TrainResult(run_dir=str(run_dir), final_step=start_step)

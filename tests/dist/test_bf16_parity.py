@@ -71,7 +71,7 @@ def zero(tmp_path_factory):
     run = tmp_path_factory.mktemp("bf16zero") / "run"
     out = _torchrun(2, OVR, ["parallel.zero1=true", "train.micro_batch=1",
                              f"train.max_steps={STEPS}"], run)
-    assert "bf16 with fp32 masters" in out.stdout + out.stderr
+    assert "bf16 params, fp32 masters" in out.stdout + out.stderr
     return run
 
 

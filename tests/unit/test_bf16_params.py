@@ -3,9 +3,12 @@ one process on CPU (``train.dtype=bf16`` runs the model under bf16 autocast ther
 
 What is proven here: the config switch and its errors; that the model keeps bf16 activations and
 residual stream with fp32 routing, norm statistics and loss; that the optimizer's fp32 masters
-carry updates below bf16's resolution (which bf16-only updates lose); that micro-batches sum in
-fp32 (exactly, where bf16 accumulation would round); a short training run against the fp32 run;
-and a bit-identical resume. Distributed parity and resharding: ``tests/dist/test_bf16_parity.py``.
+carry updates below bf16's resolution (which bf16-only updates lose) and step as torch's AdamW
+does; that micro-batches sum in fp32 (exactly, where bf16 accumulation would round, and to two
+bf16 roundings of the one-micro-batch gradient on the model); a short training run against the
+fp32 run, whose checkpoint and HF export hold the masters; a bit-identical resume; checkpoints
+loading across parameter dtypes; a non-finite gradient skipping a bf16 step. Distributed parity
+and resharding: ``tests/dist/test_bf16_parity.py``.
 """
 
 import shutil
@@ -63,8 +66,8 @@ def test_param_dtype_resolves_and_contradictions_name_the_field():
 # ------------------------------------------------------------------------------ model dtypes
 def _bf16_model(**kw):
     cfg = load_config(SMALL + [f"model.{k}={v}" for k, v in kw.items()]).model
-    torch.manual_seed(0)
     model = MiniMaxModel(cfg)
+    model.reset_parameters(seed=0)
     for p in model.parameters():
         p.data = p.data.to(torch.bfloat16)
     return model
