@@ -200,6 +200,12 @@ class TrainConfig:
     log_every: int = 1
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    # Parameter storage (Megatron's --bf16): bf16 stores bf16 parameters (and so bf16
+    # activations and residual stream) with fp32 master weights in the optimizer and gradients
+    # accumulated over micro-batches in fp32 buckets (mmtrain/parallel/data.py); fp32 keeps fp32
+    # parameters under bf16 autocast. auto: bf16 when the compute dtype is bf16 (train.dtype=bf16,
+    # or auto on CUDA), else fp32. Checkpoints hold the fp32 masters either way.
+    param_dtype: str = "auto"
     init_from: Optional[str] = None
     # Token-based schedules (mmtrain/train/schedules.py). max_tokens > 0: the run's token budget;
     # max_steps is then derived (the steps that consume it at the batch schedule).
@@ -228,6 +234,23 @@ class TrainConfig:
     # compiled once per process with the token dimension dynamic (no recompile per document
     # layout); false: the eager code, bit for bit.
     compile: bool = False
+
+    def autocast_bf16(self, device_type: str) -> bool:
+        """Whether the forward runs under bf16 autocast: ``dtype=bf16``, or ``auto`` on CUDA."""
+        return self.dtype == "bf16" or (self.dtype == "auto" and device_type == "cuda")
+
+    def bf16_params(self, device_type: str, path: str = "train") -> bool:
+        """Whether parameters are stored in bf16 (``param_dtype``, ``auto`` resolved for
+        ``device_type``). bf16 parameters with fp32 compute would silently compute in bf16 where
+        the recipe asked for fp32, so that combination is refused, naming the fix."""
+        compute = self.autocast_bf16(device_type)
+        if self.param_dtype == "auto":
+            return compute
+        if self.param_dtype == "bf16" and not compute:
+            _fail(f"{path}.param_dtype", f"bf16 parameters need bf16 compute, but "
+                  f"{path}.dtype={self.dtype} resolves to fp32 on {device_type}; set "
+                  f"{path}.dtype=bf16, or {path}.param_dtype=fp32 (or auto)")
+        return self.param_dtype == "bf16"
 
     def validate(self, path: str = "train") -> None:
         if self.max_steps < 1:
@@ -268,6 +291,12 @@ class TrainConfig:
             _fail(f"{path}.device", f"unknown '{self.device}'; use auto, cpu or cuda")
         if self.dtype not in ("auto", "fp32", "bf16"):
             _fail(f"{path}.dtype", f"unknown '{self.dtype}'; use auto, fp32 or bf16")
+        if self.param_dtype not in ("auto", "fp32", "bf16"):
+            _fail(f"{path}.param_dtype", f"unknown '{self.param_dtype}'; use auto, fp32 or bf16")
+        if self.param_dtype == "bf16" and self.dtype == "fp32":
+            _fail(f"{path}.param_dtype", f"bf16 parameters need bf16 compute, but "
+                  f"{path}.dtype=fp32; set {path}.dtype=bf16 (or auto on CUDA), or "
+                  f"{path}.param_dtype=fp32")
         from mmtrain.train.schedules import validate_train_schedules
 
         validate_train_schedules(self, path)

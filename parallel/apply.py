@@ -281,12 +281,16 @@ class Parallel:
     sharding, loss, gradient sync, clipping; the optimizer and checkpoints build on it in
     :mod:`mmtrain.train.distributed`).
 
-    Single process (``groups is None``): plain cross-entropy and torch clipping."""
+    Single process (``groups is None``): plain cross-entropy and torch clipping, except with
+    ``main_grads`` (bf16 parameters: gradients accumulate in fp32 buckets, which a
+    :class:`GradSync` of one-rank groups holds; clipping reads them)."""
 
     def __init__(self, model: nn.Module, topology: Topology, groups, pcfg: ParallelConfig,
-                 device: torch.device, plan: Optional[ShardPlan] = None):
+                 device: torch.device, plan: Optional[ShardPlan] = None,
+                 main_grads: bool = False):
         self.model, self.topology, self.groups, self.pcfg = model, topology, groups, pcfg
         self.distributed = groups is not None
+        self.main_grads = main_grads
         self.device = device
         rank = dist.get_rank() if self.distributed else 0
         info = topology.rank_info(rank)
@@ -319,11 +323,13 @@ class Parallel:
             self.infos.append(ParamInfo(name, p, group, plan.full_shapes[name], split.get(name),
                                         decay=p.dim() >= 2))
         self.sync: Optional[GradSync] = None
-        if self.distributed:
+        if self.distributed or main_grads:
             pgs = {"dp": groups.dp, "tp_dp": groups.tp_dp, "edp": groups.edp,
-                   "dp_cp": groups.dp_cp, "tp_dp_cp": groups.tp_dp_cp}
-            self.sync = GradSync(self.infos, pgs, pcfg.bucket_mb, pcfg.zero1,
-                                 overlap=device.type == "cuda", device=device)
+                   "dp_cp": groups.dp_cp, "tp_dp_cp": groups.tp_dp_cp} if groups else {}
+            self.sync = GradSync(self.infos, pgs, pcfg.bucket_mb,
+                                 pcfg.zero1 and self.distributed,
+                                 overlap=device.type == "cuda", device=device,
+                                 main_grads=main_grads)
 
     def pieces(self, name: str, local_shape: tuple) -> list:
         """Where parameter ``name``'s local tensor sits in its full tensor."""
@@ -399,11 +405,13 @@ class Parallel:
 
 
 def parallelize(model: nn.Module, topology: Topology, groups, pcfg: ParallelConfig,
-                device: torch.device) -> Parallel:
+                device: torch.device, main_grads: bool = False) -> Parallel:
     """Shard ``model`` in place for this rank of ``topology`` (:func:`shard_model`), bring its
     local shards to ``device`` and return the :class:`Parallel` handle. ``model`` is either built
     in full and initialised (its shards keep their values) or built on the meta device (the
     shards are then allocated on ``device`` uninitialised: :func:`mmtrain.model.init.init_weights`
     with ``Parallel.shards`` fills them). ``groups`` is
-    :func:`mmtrain.parallel.groups.create_process_groups`'s result (``None``: single process)."""
-    return Parallel(model, topology, groups, pcfg, device)
+    :func:`mmtrain.parallel.groups.create_process_groups`'s result (``None``: single process).
+    ``main_grads``: gradients accumulate in fp32 buckets (bf16 parameters, see
+    :mod:`mmtrain.parallel.data`)."""
+    return Parallel(model, topology, groups, pcfg, device, main_grads=main_grads)

@@ -22,10 +22,22 @@ micro-batch into its bucket and launches the bucket's collective asynchronously 
 and every earlier bucket are complete, overlapping the rest of the backward pass; elsewhere the
 buckets are reduced after the backward pass.
 
+**Main gradients** (``main_grads=True``, bf16 parameters, ``train.param_dtype``; Megatron's
+``main_grad``): the buckets are the fp32 gradient accumulators. The hook runs for *every*
+micro-batch: it adds the parameter's bf16 ``p.grad`` into its bucket range (a copy for the first
+micro-batch of the step) and frees ``p.grad``, so the micro-batches are summed in fp32 and no
+bf16 gradient outlives its backward. The last micro-batch launches the buckets as above. The
+reduced fp32 buckets are what clipping and the optimizer read; ``p.grad`` stays ``None``. Also in
+a single process (groups of one: nothing to reduce), so one process and every layout accumulate
+alike.
+
 **ZeRO-1** (``zero1=True``): a bucket is reduce-scattered instead of all-reduced; rank i keeps
 the summed gradient of its shard ``[i·s, (i+1)·s)`` only, holds the fp32 master copy and the AdamW
 moments of that shard, steps it, and all-gathers the updated shard into the parameters.
 Expert buckets are sharded over EDP, the rest over DP (or TP×DP for replicated weights).
+With main gradients and no ZeRO-1 the same optimizer (:class:`ZeroAdamW`) steps whole buckets:
+every rank holds the fp32 master of every parameter it has, and writes it into the bf16
+parameters (rounded) after each step without a collective.
 
 **Clipping.** Every bucket is partitioned into the n owned shards of its group, and the groups
 of one kind partition the world, so the sum over the world of each rank's owned sum of squares
@@ -125,13 +137,17 @@ def build_buckets(infos: list, groups: dict, bucket_mb: float, device) -> list:
 
 
 class GradSync:
-    """Reduces the gradients of the last micro-batch of a step, bucket by bucket."""
+    """Reduces the gradients of the last micro-batch of a step, bucket by bucket (with
+    ``main_grads``: accumulates every micro-batch's gradient in the fp32 buckets, then reduces
+    them; see the module docstring)."""
 
     def __init__(self, infos: list, groups: dict, bucket_mb: float, zero1: bool,
-                 overlap: bool, device):
+                 overlap: bool, device, main_grads: bool = False):
         self.infos = infos
         self.zero1 = zero1
         self.overlap = overlap
+        self.main_grads = main_grads
+        self._seen: set = set()  # main_grads: ids of the params already in their bucket this step
         self.buckets = build_buckets(infos, groups, bucket_mb, device)
         self._bucket_of = {}
         for b in self.buckets:
@@ -141,7 +157,7 @@ class GradSync:
         self._next = 0
         self.launched_in_backward = 0  # buckets of the last step launched by hooks (overlap)
         self._hooks = []
-        if overlap:
+        if overlap or main_grads:
             for info in infos:
                 self._hooks.append(info.param.register_post_accumulate_grad_hook(self._on_grad))
 
@@ -156,12 +172,27 @@ class GradSync:
                 b.ready_count, b.launched, b.handle = 0, False, None
 
     def _on_grad(self, p: torch.Tensor) -> None:
+        if self.main_grads:
+            self._accumulate(p)
         if not self._last:
             return
         b, off = self._bucket_of[p]
-        b.grad[off:off + p.numel()].copy_(p.grad.reshape(-1))
+        if not self.main_grads:
+            b.grad[off:off + p.numel()].copy_(p.grad.reshape(-1))
         b.ready_count += 1
-        self._launch_ready()
+        if self.overlap:
+            self._launch_ready()
+
+    def _accumulate(self, p: torch.Tensor) -> None:
+        """Main gradients: this micro-batch's ``p.grad`` into the fp32 bucket, then freed."""
+        b, off = self._bucket_of[p]
+        view = b.grad[off:off + p.numel()]
+        if id(p) in self._seen:
+            view.add_(p.grad.reshape(-1))  # fp32 += bf16, summed in fp32
+        else:  # first micro-batch of the step: overwrite last step's reduced values
+            view.copy_(p.grad.reshape(-1))
+            self._seen.add(id(p))
+        p.grad = None
 
     def _launch_ready(self) -> None:
         while self._next < len(self.buckets):
@@ -193,6 +224,10 @@ class GradSync:
                 continue
             # Not launched by hooks (no overlap, or a parameter got no gradient): fill and launch.
             for info, view in b.views(b.grad):
+                if self.main_grads:  # accumulated by the hooks; a parameter without any: zero
+                    if id(info.param) not in self._seen:
+                        view.zero_()
+                    continue
                 g = info.param.grad
                 if g is None:
                     view.zero_()
@@ -203,7 +238,8 @@ class GradSync:
             if b.handle is not None:
                 b.handle.wait()
                 b.handle = None
-        if not self.zero1:
+        self._seen.clear()  # the next step's first micro-batch overwrites the buckets
+        if not self.zero1 and not self.main_grads:
             for b in self.buckets:
                 for info, view in b.views(b.grad):
                     if info.param.grad is None:
@@ -226,6 +262,8 @@ class GradSync:
         for b in self.buckets:
             if self.zero1:
                 b.shard_grad.mul_(coef.to(b.shard_grad.dtype))
+            elif self.main_grads:
+                b.grad.mul_(coef.to(b.grad.dtype))
             else:
                 for info in b.infos:
                     if info.param.grad is not None:
@@ -251,31 +289,72 @@ def clip_grad_norm(sync: GradSync, max_norm: float, world_group=None) -> torch.T
 
 
 class ZeroAdamW:
-    """AdamW over the owned shards of the buckets (ZeRO-1), the same arithmetic as
+    """AdamW on fp32 master copies of bucket ranges, the same arithmetic as
     ``torch.optim.AdamW`` (foreach): decoupled weight decay ``p *= 1 - lr·wd`` on matrices only,
-    bias-corrected moments. After the step the shards are all-gathered into the parameters.
+    bias-corrected moments.
+
+    Which ranges: with ZeRO-1 (``sync.zero1``) each bucket's owned shard, stepped with the
+    reduce-scattered ``shard_grad`` and all-gathered into the parameters afterwards; without it
+    (bf16 parameters, ``sync.main_grads``) whole buckets, stepped with the all-reduced fp32
+    bucket and written into the parameters locally. Either way the masters are the exact values
+    and the parameters their copies in ``param_dtype`` (rounded for bf16): the masters are taken
+    from the parameters while these still hold the fp32 initial (or imported) values, and only
+    then are the parameters converted, so the rounding happens once, at the copy, and never
+    accumulates in the weights (an update below bf16's resolution still moves the master).
+
+    Weight decay: an fp32 mask over the owned shard (ZeRO-1); over whole buckets the runs of
+    decayed parameters instead (no mask: 4 bytes a parameter less on every rank).
 
     ``param_groups`` is a one-group list so ``set_lr`` works unchanged."""
 
-    def __init__(self, sync: GradSync, lr: float, betas: tuple, eps: float, weight_decay: float):
-        if not sync.zero1:
-            raise ValueError("ZeroAdamW needs a GradSync built with zero1=True")
+    def __init__(self, sync: GradSync, lr: float, betas: tuple, eps: float, weight_decay: float,
+                 param_dtype: torch.dtype = torch.float32):
+        if not (sync.zero1 or sync.main_grads):
+            raise ValueError("ZeroAdamW needs a GradSync built with zero1=True or "
+                             "main_grads=True (bf16 parameters)")
         self.sync = sync
+        self.sharded = sync.zero1
         self.param_groups = [{"lr": lr, "betas": betas, "eps": eps,
                               "weight_decay": weight_decay}]
         self.step_count = 0
-        self.shards = []  # per bucket: dict(master, exp_avg, exp_avg_sq, wd_mask)
+        self.shards = []  # per bucket: master, exp_avg, exp_avg_sq, wd_mask or decay_runs
         for b in sync.buckets:
             flat = torch.zeros(b.padded, dtype=torch.float32, device=b.grad.device)
-            mask = torch.zeros(b.padded, dtype=torch.float32, device=b.grad.device)
             for info, view in b.views(flat):
                 view.copy_(info.param.detach())
-            for info, view in b.views(mask):
-                view.fill_(1.0 if info.decay else 0.0)
-            self.shards.append({"master": flat[b.owned].clone(),
-                                "exp_avg": torch.zeros(b.shard, device=flat.device),
-                                "exp_avg_sq": torch.zeros(b.shard, device=flat.device),
-                                "wd_mask": mask[b.owned].clone()})
+            own = self.region(b)
+            n = own.stop - own.start
+            st = {"master": flat[own].clone() if self.sharded else flat,
+                  "exp_avg": torch.zeros(n, device=flat.device),
+                  "exp_avg_sq": torch.zeros(n, device=flat.device)}
+            if self.sharded:
+                mask = torch.zeros(b.padded, dtype=torch.float32, device=b.grad.device)
+                for info, view in b.views(mask):
+                    view.fill_(1.0 if info.decay else 0.0)
+                st["wd_mask"] = mask[own].clone()
+            else:  # [start, stop) runs of adjacent decayed parameters
+                runs = []
+                for info, off in zip(b.infos, b.offsets):
+                    if not info.decay:
+                        continue
+                    if runs and runs[-1][1] == off:
+                        runs[-1][1] = off + info.param.numel()
+                    else:
+                        runs.append([off, off + info.param.numel()])
+                st["decay_runs"] = runs
+            self.shards.append(st)
+        if param_dtype != torch.float32:
+            with torch.no_grad():  # the masters hold the fp32 values now: round the params once
+                for info in sync.infos:
+                    info.param.data = info.param.data.to(param_dtype)
+
+    def region(self, b: Bucket) -> slice:
+        """The range of bucket ``b`` whose master and moments this rank holds."""
+        return b.owned if self.sharded else slice(0, b.padded)
+
+    def state_of(self, b: Bucket) -> dict:
+        """Master and moments (over :meth:`region`) of bucket ``b``."""
+        return self.shards[next(i for i, x in enumerate(self.sync.buckets) if x is b)]
 
     @torch.no_grad()
     def step(self) -> None:
@@ -287,8 +366,13 @@ class ZeroAdamW:
         bc2_sqrt = (1 - beta2 ** t) ** 0.5
         step_size = lr / bc1
         for b, st in zip(self.sync.buckets, self.shards):
-            p, m, v, grad = st["master"], st["exp_avg"], st["exp_avg_sq"], b.shard_grad
-            p.mul_(1 - lr * wd * st["wd_mask"])
+            p, m, v = st["master"], st["exp_avg"], st["exp_avg_sq"]
+            grad = b.shard_grad if self.sharded else b.grad
+            if self.sharded:
+                p.mul_(1 - lr * wd * st["wd_mask"])
+            elif lr * wd:
+                for a, z in st["decay_runs"]:
+                    p[a:z].mul_(1 - lr * wd)
             m.lerp_(grad, 1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (v.sqrt() / bc2_sqrt).add_(eps)
@@ -297,9 +381,11 @@ class ZeroAdamW:
 
     @torch.no_grad()
     def gather_params(self) -> None:
-        """All-gather the master shards into the model parameters."""
+        """Write the masters into the model parameters (all-gathering the shards under ZeRO-1;
+        rounded to the parameters' dtype)."""
         for b, st in zip(self.sync.buckets, self.shards):
-            flat = all_gather_dim0(st["master"], b.group) if b.n > 1 else st["master"]
+            gather = self.sharded and b.n > 1
+            flat = all_gather_dim0(st["master"], b.group) if gather else st["master"]
             for info, view in b.views(flat):
                 info.param.copy_(view)
 
@@ -308,16 +394,3 @@ class ZeroAdamW:
             info.param.grad = None
         for b in self.sync.buckets:
             b.shard_grad = None
-
-    # ------------------------------------------------------------------- checkpoint support
-    @torch.no_grad()
-    def reset_master(self) -> None:
-        """Take the owned master shards from the (just loaded) parameters; the moments are loaded
-        into ``shards[i]["exp_avg" | "exp_avg_sq"]`` in place (``mmtrain.train.distributed``)."""
-        for b, st in zip(self.sync.buckets, self.shards):
-            own = b.owned
-            for info, off in zip(b.infos, b.offsets):
-                lo, hi = max(own.start, off), min(own.stop, off + info.param.numel())
-                if lo < hi:
-                    st["master"][lo - own.start:hi - own.start].copy_(
-                        info.param.detach().reshape(-1)[lo - off:hi - off])

@@ -10,8 +10,10 @@ regions of ``mmtrain/model/compiled.py``; each rank compiles in its first step, 
 For each layout (default: every tp in the divisors of N, dp = N / tp; ``--layouts`` takes a comma
 list of ``+``-joined ``parallel.*`` settings such as ``ep=2`` or ``tp=2+ep=2``) it launches
 ``torchrun --nproc-per-node N`` on this script in worker mode, which runs the real trainer (``mmtrain.train.loop.train``: bucketed gradient
-reduction overlapped with the backward pass, ZeRO-1, sequence parallelism under TP, bf16 autocast)
-on a ~1B-activated hybrid lightning/softmax MoE config, with checkpoint writes disabled. It reports
+reduction overlapped with the backward pass, ZeRO-1, sequence parallelism under TP, bf16 autocast;
+``train.param_dtype`` auto, i.e. bf16 parameters with fp32 masters and fp32 gradient accumulation,
+``train.param_dtype=fp32`` for fp32 parameters) on a ~1B-activated hybrid lightning/softmax MoE
+config, with checkpoint writes disabled. It reports
 per layout: tokens/s (median over the steps after warm-up), MFU (model FLOPs of
 ``mmtrain.model.account`` over the dense bf16 peak of the GPUs), peak memory per GPU (max over
 ranks of ``torch.cuda.max_memory_allocated``), and the loss curve, whose largest relative
@@ -56,6 +58,7 @@ def worker(args, overrides):
     cfg = load_config(MODEL + TRAIN + [f"train.max_steps={args.steps}"]
                       + [f"parallel.{kv}" for kv in args.layout.split("+")] + overrides)
     loop.train(cfg)
+    param_dtype = "bf16" if cfg.train.bf16_params("cuda") else "fp32"  # what auto resolved to
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30], device="cuda")
     multi = dist.is_initialized()
     if multi:
@@ -71,6 +74,7 @@ def worker(args, overrides):
                "tokens_per_s": tps, "mfu": mfu, "peak_mem_gib": float(peak.item()),
                "step_time_s": statistics.median(r["step_time_s"] for r in steady),
                "losses": [r["loss"] for r in recs], "device": torch.cuda.get_device_name(),
+               "param_dtype": param_dtype,
                "torch": torch.__version__}
         with open(args.result, "w") as f:
             json.dump(out, f)
@@ -116,7 +120,8 @@ def driver(args, overrides):
         r = json.load(open(result))
         r["wall_s"] = time.time() - t0
         results.append(r)
-        print(f"{layout} (dp={r['dp']}): {r['tokens_per_s']:.0f} tok/s, MFU "
+        print(f"{layout} (dp={r['dp']}, {r['param_dtype']} params): "
+              f"{r['tokens_per_s']:.0f} tok/s, MFU "
               f"{(r['mfu'] or 0) * 100:.1f}%, peak {r['peak_mem_gib']:.1f} GiB, "
               f"wall {r['wall_s']:.0f}s", flush=True)
         with open(args.out, "w") as f:
@@ -125,7 +130,8 @@ def driver(args, overrides):
         return 1
     ref = results[0]["losses"]
     print(f"\n{results[0]['device']} x{n}, torch {results[0]['torch']}, {args.steps} steps, "
-          f"recipe {' '.join(TRAIN)}; overrides: {' '.join(overrides) or 'none'}")
+          f"recipe {' '.join(TRAIN)}; overrides: {' '.join(overrides) or 'none'}; "
+          f"train.param_dtype -> {', '.join(sorted({r['param_dtype'] for r in results}))}")
     print(f"{'layout':<12}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'step s':>9}"
           f"{'max |dloss|/loss vs ' + results[0]['layout']:>28}")
     for r in results:

@@ -3,8 +3,9 @@
     python3 scripts/profile_step.py [overrides...]      e.g. train.micro_batch=8
 
 Builds the model, optimizer and loader as the trainer does (single process), runs the step the
-loop runs (micro-batches, bf16 autocast, LM + aux loss, clipping, fused AdamW) three times to warm
-up and three times timed, then one step under ``torch.profiler``. Prints the step time, tokens/s
+loop runs (micro-batches, bf16 autocast, LM + aux loss, clipping, fused AdamW; with bf16
+parameters, ``train.param_dtype``, AdamW on the fp32 masters, whose kernels count as
+elementwise below) three times to warm up and three times timed, then one step under ``torch.profiler``. Prints the step time, tokens/s
 and MFU, the GPU kernel time by kind (GEMM, elementwise/reduce, attention, MoE permute/index,
 optimizer, communication, other), the top kernels, and the ops with the most host time.
 """
@@ -62,7 +63,8 @@ def main():
         micro = [par.shard_batch(b, dev) for b in loader.next_step()]
         n_tok = float(sum(b.loss_tokens for b in micro))
         model.begin_step(tokens)
-        for b in micro:
+        for i, b in enumerate(micro):
+            par.prepare_backward(last_micro_batch=i == len(micro) - 1)  # as the loop
             fused = cfg.train.fused_ce
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = model(b.tokens, b.cu_seqlens, b.position_ids, return_hidden=fused)
@@ -74,6 +76,7 @@ def main():
             loss = ((ce * b.loss_mask.view(-1)).sum() / n_tok
                     + cfg.train.aux_loss_coef * out.aux_loss)
             loss.backward()
+        par.reduce_grads()  # bf16 parameters: the fp32 gradient buckets (a no-op otherwise)
         par.clip_grad_norm(cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

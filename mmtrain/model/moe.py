@@ -61,6 +61,11 @@ class Routing:
     # recompute the unpermute-and-weigh of the experts' outputs in the backward instead of
     # keeping its fp32 [T·K, D] copy (train.recompute=selective; see mmtrain.model.recompute)
     recompute_combine: bool = False
+    # the residual stream's dtype (the MoE input's): the combine weighs and sums in it, at least
+    # in the experts' output dtype. fp32 parameters: fp32 (bf16 expert outputs widened, as
+    # always); bf16 parameters: bf16, so the fp32 routing weights do not promote the residual
+    # stream to fp32 (they are cast to bf16 deliberately)
+    combine_dtype: torch.dtype = torch.float32
 
 
 def route_weights(logits_TE: torch.Tensor, top_k: int, idx_TK: torch.Tensor | None = None):
@@ -476,17 +481,19 @@ def gather_slots(x_TD: torch.Tensor, order_S: torch.Tensor, inv_S: torch.Tensor,
 def combine_slots(y_SD: torch.Tensor, order_S: torch.Tensor, inv_S: torch.Tensor,
                   routing: Routing) -> torch.Tensor:
     """Unpermute the slots' outputs (``y_SD`` in sorted order; missing trailing rows are dropped
-    slots) and sum each token's K experts, weighted, in fp32 (dropped slots weigh 0)."""
+    slots) and sum each token's K experts, weighted, in ``routing.combine_dtype`` (fp32 with
+    fp32 parameters, bf16 with bf16 ones; dropped slots weigh 0)."""
     if routing.recompute_combine and torch.is_grad_enabled():
         from torch.utils.checkpoint import checkpoint
 
-        plain = Routing(routing.idx_TK, routing.weight_TK, routing.keep_TK, routing.probs_TE)
+        plain = Routing(routing.idx_TK, routing.weight_TK, routing.keep_TK, routing.probs_TE,
+                        combine_dtype=routing.combine_dtype)
         return checkpoint(combine_slots, y_SD, order_S, inv_S, plain, use_reentrant=False)
     T, K = routing.idx_TK.shape
     y_TKD = _Gather.apply(y_SD, inv_S, order_S, 1) if y_SD.shape[0] == T * K else \
         _Gather.apply(torch.cat([y_SD, y_SD.new_zeros((T * K - y_SD.shape[0], y_SD.shape[1]))]),
                       inv_S, order_S, 1)
-    acc = torch.promote_types(y_SD.dtype, torch.float32)
+    acc = torch.promote_types(y_SD.dtype, routing.combine_dtype)
     w = torch.where(routing.keep_TK, routing.weight_TK, torch.zeros_like(routing.weight_TK))
     return (y_TKD.view(T, K, -1).to(acc) * w.to(acc)[..., None]).sum(1)
 
@@ -539,6 +546,7 @@ class MoE(nn.Module):
             routing.keep_TK = self.balance.keep(routing.idx_TK, self.num_experts,
                                                 self.capacity_factor)
         routing.recompute_combine = self.recompute_combine
+        routing.combine_dtype = x_TD.dtype
         y = self.dispatcher(x_TD, routing, self.experts)
         if tape is not None and tape.replay:
             return y, aux_term(routing.probs_TE, saved["aux"])

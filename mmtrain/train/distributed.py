@@ -20,6 +20,15 @@ partition every logical tensor: each rank writes about 1/world of model + optimi
 nothing is gathered. On load each rank reads straight into its parameters (all of its pieces) and
 its optimizer state (what it owns under ZeRO-1, its whole moments otherwise), from chunks written
 by any layout or by one process; a single process loads them all.
+
+**bf16 parameters** (``train.param_dtype``): the optimizer is :class:`ZeroAdamW` in every layout
+(whole buckets without ZeRO-1, also in one process), and its fp32 masters are the weights. With
+:class:`ZeroAdamW` (ZeRO-1 or bf16) the ``model.<fqn>`` entries are written from the masters and
+loaded into them (then written into the parameters, rounded to bf16): a checkpoint always holds
+fp32 weights, whatever the parameters' dtype, so a bf16 run resumes bit-identically (the masters
+are not rounded through the bf16 parameters), and bf16 and fp32 runs, and any layouts, load each
+other's checkpoints. HF export (``mmtrain export-hf``) reads these entries, so it exports the
+masters' fp32 values (``--dtype bf16`` rounds them like the bf16 parameters).
 """
 
 from __future__ import annotations
@@ -72,21 +81,26 @@ def build_parallel(cfg: Config, topology, device: torch.device):
         groups = create_process_groups(
             topology, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
             names=GROUPS_USED)
+    main_grads = cfg.train.bf16_params(device.type)  # fp32 gradient buckets for bf16 params
     if _import_weights(cfg):
         model = build_model(cfg, torch.device("cpu"))
-        return model, parallelize(model, topology, groups, cfg.parallel, device)
+        return model, parallelize(model, topology, groups, cfg.parallel, device, main_grads)
     with torch.device("meta"):
         model = MiniMaxModel(cfg.model)
-    par = parallelize(model, topology, groups, cfg.parallel, device)
+    par = parallelize(model, topology, groups, cfg.parallel, device, main_grads)
     init_weights(model, cfg.model, cfg.train.seed, par.shards)
     return model, par
 
 
 def build_optimizer(par, tcfg):
-    """ZeRO-1 AdamW over the owned bucket shards, or torch AdamW (``mmtrain.train.optim``)."""
-    if par.distributed and par.pcfg.zero1:
+    """ZeRO-1 AdamW over the owned bucket shards, AdamW on the fp32 masters of whole buckets
+    (bf16 parameters without ZeRO-1), or torch AdamW (``mmtrain.train.optim``). With bf16
+    parameters this is where they become bf16: after the optimizer has taken their fp32 values
+    as its masters (:class:`ZeroAdamW`)."""
+    if par.main_grads or (par.distributed and par.pcfg.zero1):
+        dtype = torch.bfloat16 if par.main_grads else torch.float32
         return ZeroAdamW(par.sync, tcfg.lr, (tcfg.beta1, tcfg.beta2), tcfg.eps,
-                         tcfg.weight_decay)
+                         tcfg.weight_decay, param_dtype=dtype)
     from mmtrain.train.optim import build_optimizer as plain
 
     return plain(par.model, tcfg)
@@ -127,26 +141,36 @@ def _step_of(optimizer, info):
     return state.get("step")
 
 
+def _flat(optimizer, b, key: str, off: int, lo: int, hi: int) -> torch.Tensor:
+    """:class:`ZeroAdamW`'s ``key`` (master or a moment) over the flat range [lo, hi) of the
+    parameter at ``off`` in bucket ``b`` (a view; the range must lie in the rank's region)."""
+    start = optimizer.region(b).start
+    return optimizer.state_of(b)[key][off + lo - start:off + hi - start]
+
+
 def checkpoint_state(par, optimizer):
     """The DCP state this rank writes (its owned rectangles, see the module docstring); ``None``
-    in a single process (the checkpoint module saves model and optimizer as they are)."""
-    if not par.distributed:
+    without gradient buckets (one process with fp32 parameters: the checkpoint module saves model
+    and optimizer as they are)."""
+    if par.sync is None:
         return None
     out = {}
     zero = isinstance(optimizer, ZeroAdamW)
-    shards = {id(b): st for b, st in zip(par.sync.buckets, optimizer.shards)} if zero else {}
     for b, info, off, lo, hi in par.owned():
-        full, dt = info.full_shape, info.param.dtype
-        out[f"model.{info.name}"] = ShardedPieces(
-            full, dt, _owned_chunks(par, info, lo, hi, local=info.param))
+        full = info.full_shape
+        if zero:  # the fp32 masters are the weights (bf16 parameters are their rounding)
+            out[f"model.{info.name}"] = ShardedPieces(full, torch.float32, _owned_chunks(
+                par, info, lo, hi, flat=_flat(optimizer, b, "master", off, lo, hi)))
+        else:
+            out[f"model.{info.name}"] = ShardedPieces(
+                full, info.param.dtype, _owned_chunks(par, info, lo, hi, local=info.param))
         step = _step_of(optimizer, info)
         if step is None:  # no optimizer step yet (non-ZeRO): nothing to save
             continue
         for key in ("exp_avg", "exp_avg_sq"):
             if zero:
-                own = b.owned.start
-                flat = shards[id(b)][key][off + lo - own:off + hi - own]
-                chunks = _owned_chunks(par, info, lo, hi, flat=flat)
+                chunks = _owned_chunks(par, info, lo, hi,
+                                       flat=_flat(optimizer, b, key, off, lo, hi))
             else:
                 chunks = _owned_chunks(par, info, lo, hi, local=optimizer.state[info.param][key])
             out[f"optim.{info.name}.{key}"] = ShardedPieces(full, torch.float32, chunks)
@@ -156,30 +180,35 @@ def checkpoint_state(par, optimizer):
 
 def load_checkpoint(par, path, optimizer) -> dict:
     """Load a checkpoint written under any layout (or one process) into this rank's shards;
-    returns this rank's JSON state."""
-    if not par.distributed:
+    returns this rank's JSON state. With :class:`ZeroAdamW` the weights go into its fp32
+    masters (the range it steps: the owned shard under ZeRO-1, else the whole local tensor) and
+    from there into the parameters."""
+    if par.sync is None:
         return ckpt.load(path, par.model, optimizer)
     zero = isinstance(optimizer, ZeroAdamW)
     if not zero:  # torch AdamW: create its state so that it can be loaded into in place
         ckpt.optimizer_tensors(par.model, optimizer, materialize=True)
-    shards = {id(b): st for b, st in zip(par.sync.buckets, optimizer.shards)} if zero else {}
     want, steps = {}, {}
     for b, info, off, lo, hi in par.owned():
         full = info.full_shape
-        want[f"model.{info.name}"] = ShardedPieces(full, info.param.dtype,
-                                                   _all_chunks(par, info, info.param.data))
-        for key in ("exp_avg", "exp_avg_sq"):
-            if zero:
-                own = b.owned.start
-                flat = shards[id(b)][key][off + lo - own:off + hi - own]
-                chunks = _owned_chunks(par, info, lo, hi, flat=flat, copy=False)
-            else:
-                chunks = _all_chunks(par, info, optimizer.state[info.param][key])
-            want[f"optim.{info.name}.{key}"] = ShardedPieces(full, torch.float32, chunks)
+        if zero:
+            if not optimizer.sharded:  # whole buckets: every replica steps the whole tensor
+                lo, hi = 0, info.param.numel()
+            for key, name in (("master", "model"), ("exp_avg", "optim"), ("exp_avg_sq", "optim")):
+                chunks = _owned_chunks(par, info, lo, hi, copy=False,
+                                       flat=_flat(optimizer, b, key, off, lo, hi))
+                fqn = f"model.{info.name}" if name == "model" else f"optim.{info.name}.{key}"
+                want[fqn] = ShardedPieces(full, torch.float32, chunks)
+        else:
+            want[f"model.{info.name}"] = ShardedPieces(full, info.param.dtype,
+                                                       _all_chunks(par, info, info.param.data))
+            for key in ("exp_avg", "exp_avg_sq"):
+                want[f"optim.{info.name}.{key}"] = ShardedPieces(
+                    full, torch.float32, _all_chunks(par, info, optimizer.state[info.param][key]))
         steps[info.name] = want[f"optim.{info.name}.step"] = torch.zeros((), dtype=torch.float32)
     state = ckpt.load(path, None, None, tensors=want)
     if zero:
-        optimizer.reset_master()
+        optimizer.gather_params()  # masters -> parameters (a collective under ZeRO-1)
         first = next(iter(steps.values()), torch.zeros(()))
         optimizer.step_count = int(first.item())
     else:

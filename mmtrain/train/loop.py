@@ -137,6 +137,7 @@ def train(cfg: Config) -> TrainResult:
     tcfg = cfg.train
     loader = build_loader(cfg, tokenizer, dp_rank, dp, announce=rank == 0)
     device = _resolve_device(cfg)
+    bf16_params = tcfg.bf16_params(device.type)  # a contradictory train.param_dtype fails here
     rank, world = init_distributed(cfg, device)
 
     # A damaged newest checkpoint or another model's run dir fails here, before anything is
@@ -173,7 +174,7 @@ def train(cfg: Config) -> TrainResult:
 
     acct = account(cfg.model, cfg.data.seq_len)
     peak = peak_flops(device)
-    autocast = (device.type == "cuda" and tcfg.dtype in ("auto", "bf16")) or tcfg.dtype == "bf16"
+    autocast = tcfg.autocast_bf16(device.type)
     logger = MetricsLogger(str(run_dir), cfg.to_dict(), tcfg.max_steps, start_step,
                            enabled=rank == 0, progress=cfg.run.progress, wandb_cfg=cfg.run.wandb)
     if latest is not None:
@@ -182,7 +183,9 @@ def train(cfg: Config) -> TrainResult:
                           f"do (raise train.max_steps to train on)"
                           if start_step >= tcfg.max_steps else ""))
     logger.message(f"model: {acct.params_total / 1e6:.2f}M params "
-                   f"({acct.params_active / 1e6:.2f}M active), {world} process(es) on {device}; "
+                   f"({acct.params_active / 1e6:.2f}M active, "
+                   + ("bf16 params, fp32 masters" if bf16_params else "fp32 params") + f"), "
+                   f"{world} process(es) on {device}; "
                    + layout_summary(cfg.parallel, cfg.data.seq_len, topology.dp))
     result = TrainResult(run_dir=str(run_dir), final_step=start_step)
     health = StepHealth(tcfg.max_bad_steps, tcfg.spike_factor)
@@ -223,8 +226,10 @@ def train(cfg: Config) -> TrainResult:
                         wd.phase("forward", step + 1)  # fault hook: inside a step
                     lm_sum += lm.detach().double()
                 if faults.active("nan_grad", step + 1):  # test-only hook
-                    next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = \
-                        float("nan")
+                    g = next((p.grad for p in model.parameters() if p.grad is not None), None)
+                    if g is None:  # bf16 parameters: the gradients are in the fp32 buckets
+                        g = par.sync.buckets[0].grad
+                    g.view(-1)[0] = float("nan")
                 wd.phase("all_reduce(dp) loss stats", step + 1)
                 stats = par.all_reduce(lm_sum.view(1), "dp_cp")  # CP ranks hold pieces of it
                 # MoE statistics of every rank's own tokens, plus the stop and preemption flags:
@@ -312,4 +317,5 @@ def train(cfg: Config) -> TrainResult:
             logger.close()
     result.model = model  # type: ignore[attr-defined]
     result.parallel = par  # type: ignore[attr-defined]
+    result.optimizer = optimizer  # type: ignore[attr-defined]
     return result

@@ -39,6 +39,7 @@ OUT_OF_RANGE = {
     "train.grad_clip": ["-1"], "train.aux_loss_coef": ["-0.01"], "train.seed": ["-1", "99999999999999999999"],
     "train.ckpt_every": ["-1"], "train.keep_last": ["0", "-2"], "train.log_every": ["0"],
     "train.device": ["tpu", "gpu"], "train.dtype": ["fp16", "float32"],
+    "train.param_dtype": ["fp16", "float32", "bf16"],  # bf16: auto compute is fp32 on a CPU
     "train.max_bad_steps": ["0", "-1"], "train.spike_factor": ["0.5", "-2", "1"],
     "train.fused_ce_chunk": ["0", "-4096"], "train.recompute": ["some", "''", "layers"],
     "train.init_from": ["''", "/nonexistent/ckpt"],
