@@ -381,3 +381,40 @@ def test_nonfinite_gradient_skips_the_bf16_step(tmp_path, monkeypatch):
     for k in s1:
         assert torch.equal(s1[k], s2[k]), k
     assert not torch.equal(s3["model.embed.weight"], s2["model.embed.weight"])
+
+
+@pytest.mark.parametrize("zero1", [False, True])
+def test_fused_step_matches_elementwise_step(zero1):
+    """The CUDA step (torch's fused AdamW over the decayed and the other runs, a multi-tensor
+    copy into the parameters), forced here on CPU, gives the elementwise step's masters and bf16
+    parameters to fp32 rounding — whole buckets and ZeRO-1 shards, with weight decay on the
+    matrices only."""
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)) for _ in "ab"]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts, syncs = [], []
+    for net, fused in zip(nets, (False, True)):
+        infos = [ParamInfo(n, p, "dp", tuple(p.shape), decay=p.dim() >= 2)
+                 for n, p in net.named_parameters()]
+        sync = GradSync(infos, {}, 0.0002, zero1=zero1, overlap=False, device=CPU,
+                        main_grads=True)
+        assert len(sync.buckets) >= 2
+        opts.append(ZeroAdamW(sync, 1e-2, (0.9, 0.95), 1e-8, 0.1, param_dtype=torch.bfloat16,
+                              fused=fused))
+        syncs.append(sync)
+    assert [o.fused for o in opts] == [False, True]
+    for step in range(4):
+        x = torch.randn(5, 8)
+        for net, sync, opt in zip(nets, syncs, opts):
+            sync.prepare_backward(last_micro_batch=True)
+            net(x.to(torch.bfloat16)).float().pow(2).sum().backward()
+            sync.finish()
+            opt.step()
+            opt.zero_grad()
+    for sa, sb in zip(opts[0].shards, opts[1].shards):
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            assert torch.allclose(sa[key], sb[key], rtol=1e-5, atol=1e-7), key
+    for pa, pb in zip(nets[0].parameters(), nets[1].parameters()):
+        assert pa.dtype == pb.dtype == torch.bfloat16
+        # the masters agree to fp32 rounding: their bf16 copies differ by one ulp at most
+        assert (pa.float() - pb.float()).abs().max() <= 2 ** -7 * pa.float().abs().max()
