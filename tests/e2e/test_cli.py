@@ -52,9 +52,14 @@ def test_info_shows_the_context_parallel_layout_and_checks_it():
             and "256 contiguous tokens of every 1024-token row" in out.stdout
             and "lightning LASP," in out.stdout and "varlen ring attention" in out.stdout)
     out = run_cli("info", "parallel.cp=4", "data.seq_len=1024")  # the default: zigzag, LASP+
+    assert out.returncode == 0, out.stderr  # auto rounds: 1024 divides into 4·cp, so two
+    assert ("zigzag partition: every 1024-token row in 16 pieces of 64, rank r holds pieces r "
+            "and 7-r of each of 2 rounds" in out.stdout and "lightning LASP+," in out.stdout)
+    out = run_cli("info", "parallel.cp=4", "data.seq_len=1032")  # 1032 = 8·129: one round
     assert out.returncode == 0, out.stderr
-    assert ("zigzag partition: every 1024-token row in 8 pieces of 128, rank r holds pieces r "
-            "and 7-r" in out.stdout and "lightning LASP+," in out.stdout)
+    line = next(x for x in out.stdout.splitlines() if "zigzag partition" in x)
+    assert "every 1032-token row in 8 pieces of 129, rank r holds pieces r and 7-r" in line
+    assert "rounds" not in line
     bad = run_cli("info", "parallel.cp=4", "data.seq_len=1032", "parallel.cp_zigzag_rounds=2")
     assert bad.returncode == 2  # 1032 = 8·129: one round splits, two (16 pieces) do not
     assert bad.stderr.strip().startswith("error: data.seq_len: 1032 tokens per row do not split "
