@@ -67,7 +67,9 @@ class PlanConfig:
     """Planner options (``plan.*`` overrides)."""
 
     recompute: str = "auto"  # none | selective | full | auto (search all three)
-    param_dtype: str = "fp32"  # fp32 (mmtrain today) | bf16 (issue 9 scope 2)
+    # fp32 (train.param_dtype=fp32; the path docs/plan.md's validation measured) | bf16 (bf16
+    # parameters with fp32 masters: the trainer's default on GPUs, train.param_dtype=auto)
+    param_dtype: str = "fp32"
     efficiency: float = 0.4  # achieved fraction of the bf16 peak by the model's FLOPs
     headroom: float = 0.1  # fraction of GPU memory kept free (allocator, CUDA context, NCCL)
     global_batch_tokens: Optional[int] = None  # null: train.global_batch rows × data.seq_len

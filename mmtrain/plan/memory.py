@@ -23,7 +23,7 @@ class MemoryModel(ShardModel):
         moments and weight-decay mask, and the reduced gradient shard of the optimizer step.
 
         The memory model computes these bytes here only (a new parameter dtype or optimizer
-        layout is added in this one function); ``plan.param_dtype``: fp32 is mmtrain today
+        layout is added in this one function); ``plan.param_dtype``: fp32 is ``train.param_dtype=fp32``
         (fp32 weights and ``.grad``, a bf16 cast per GEMM weight, fp32 buckets for all
         parameters when distributed); bf16 keeps bf16 weights and an fp32 main-grad buffer that
         is also the bucket, with an fp32 master copy. ZeRO-1 (when distributed) shards master,
