@@ -30,15 +30,16 @@ EP (whole experts) × ETP (each expert's width); layers over PP (contiguous, emb
 stage, final norm and LM head on the last). ZeRO-1 shards the optimizer state of TP-split weights
 over DP·CP, of replicated weights over TP·DP·CP and of experts over EDP.
 
-**Dtypes.** ``plan.param_dtype=fp32`` is the trainer's ``train.param_dtype=fp32``: fp32
-parameters and gradients under bf16 autocast (residual stream, norms, the lightning output and the MoE combine in fp32; autocast's
-weight-cast cache holds a bf16 copy of every GEMM weight through the forward); a persistent flat
-fp32 gradient bucket per parameter when distributed (``parallel.data.build_buckets`` allocates
-buckets for *all* parameters; ``bucket_mb`` sets their granularity, not their total); ZeRO-1
-keeps fp32 master, two moments and an fp32 weight-decay mask per owned element.
-``plan.param_dtype=bf16`` is the trainer's default on GPUs (``train.param_dtype=auto``),
-Megatron-style: bf16 parameters and activations, gradients accumulated in an fp32 main-grad buffer (which is also the bucket), fp32
-master + moments (+ mask) sharded by ZeRO-1.
+**Dtypes.** ``plan.param_dtype=fp32`` is the trainer's ``train.param_dtype=fp32``: fp32 parameters
+and gradients under bf16 autocast (residual stream, norms, the lightning output and the MoE combine
+in fp32; autocast's weight-cast cache holds a bf16 copy of every GEMM weight through the forward);
+a persistent flat fp32 gradient bucket per parameter when distributed
+(``parallel.data.build_buckets`` allocates buckets for *all* parameters; ``bucket_mb`` sets their
+granularity, not their total); ZeRO-1 keeps fp32 master, two moments and an fp32 weight-decay mask
+per owned element.
+``plan.param_dtype=bf16`` is the trainer's default on GPUs (``train.param_dtype=auto``), Megatron-
+style: bf16 parameters and activations, gradients accumulated in an fp32 main-grad buffer (which is
+also the bucket), fp32 master + moments (+ mask) sharded by ZeRO-1.
 
 **Time.** Model FLOPs (:func:`mmtrain.model.account`) per GPU at ``bf16_tflops × plan.efficiency``,
 plus recomputation, plus exposed communication: TP/SP all-gathers and reduce-scatters (not
