@@ -27,6 +27,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(fn, world: int, *args) -> dict:
+    """Run ``fn(rank, world, port, *args, out)`` in ``world`` spawned processes (gloo workers
+    that write their results into ``out[rank]``); returns ``{rank: result}``."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(fn, args=(world, free_port(), *args, out), nprocs=world, join=True)
+        return dict(out)
+
+
 def subprocess_env(**extra) -> dict:
     """Environment for child processes: quiet, single-threaded, no GPU, repo importable."""
     env = dict(os.environ)

@@ -12,14 +12,12 @@ other row groups (measured: ~2e-5); the fp32 run is ~1e-3 away, and a step that 
 reduction is further still.
 """
 
-import json
 import os
 import shutil
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from mmtrain.parallel.apply import check_layout
@@ -27,7 +25,7 @@ from mmtrain.recipe import load_config
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train.distributed import build_optimizer, build_parallel, load_checkpoint
 from mmtrain.train.loop import train
-from tests.conftest import free_port
+from tests.conftest import spawn_ranks
 from tests.dist.test_parallel_parity import BASE, _records, _torchrun
 
 OVR = BASE + ["train.aux_loss_coef=0.0", "train.dtype=bf16", "train.ckpt_every=2",
@@ -197,13 +195,11 @@ def _overlap_worker(rank, world, port, out):
 
 
 def test_overlapped_bucket_launch_with_fp32_main_grads():
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_overlap_worker, args=(2, free_port(), out), nprocs=2, join=True)
-        for rank in range(2):
-            for zero1, r in out[rank].items():
-                assert r["buckets"] >= 2, r
-                # overlap: every bucket launched inside the last micro-batch's backward
-                assert r["launched"] == (0, r["buckets"]), (zero1, r)
-                assert r["err"] == (0.0, 0.0), (zero1, r)  # the fp32 sum of the bf16 grads
-                assert r["same"], (zero1, r)
+    out = spawn_ranks(_overlap_worker, 2)
+    for rank in range(2):
+        for zero1, r in out[rank].items():
+            assert r["buckets"] >= 2, r
+            # overlap: every bucket launched inside the last micro-batch's backward
+            assert r["launched"] == (0, r["buckets"]), (zero1, r)
+            assert r["err"] == (0.0, 0.0), (zero1, r)  # the fp32 sum of the bf16 grads
+            assert r["same"], (zero1, r)

@@ -16,9 +16,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import spawn_ranks
 
 ROWS, T = 3, 24
 CU = [0, 1, 5, 12, 13, 24,  # row 0
@@ -123,16 +122,14 @@ def _check_ops(rank, world, port, balance, rounds, out):
     (2, "contiguous", 1), (4, "contiguous", 1),
 ], ids=["cp2-zigzag", "cp4-zigzag", "cp2-zigzag2", "cp2-contiguous", "cp4-contiguous"])
 def test_cp_ops_match_single_process(cp, balance, rounds):
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_check_ops, args=(cp, free_port(), balance, rounds, out), nprocs=cp, join=True)
-        for rank in range(cp):
-            res = dict(out[rank])
-            # row 1 is one document: its K/V must reach every rank from every earlier piece
-            # (contiguous: the last rank from rank 0; zigzag: rank 0's last piece from rank C-1)
-            assert res.pop("hops") == cp - 1
-            for key, (err, tol) in res.items():
-                assert err <= tol, (cp, rank, key, err)
+    out = spawn_ranks(_check_ops, cp, balance, rounds)
+    for rank in range(cp):
+        res = dict(out[rank])
+        # row 1 is one document: its K/V must reach every rank from every earlier piece
+        # (contiguous: the last rank from rank 0; zigzag: rank 0's last piece from rank C-1)
+        assert res.pop("hops") == cp - 1
+        for key, (err, tol) in res.items():
+            assert err <= tol, (cp, rank, key, err)
 
 
 def test_plan_of_a_batch():

@@ -18,9 +18,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import spawn_ranks
 from tests.dist.test_context_ops import _data, _rank_piece, _rel
 
 
@@ -63,12 +62,10 @@ def _run(rank, world, port, seg, balance, rounds, out):
 @pytest.mark.parametrize("cp,seg,balance,rounds", [(2, 4, "contiguous", 1), (2, 0, "zigzag", 2),
                                                   (4, 4, "zigzag", 1)])
 def test_fused_laspplus_matches_single_process(cp, seg, balance, rounds):
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_run, args=(cp, free_port(), seg, balance, rounds, out), nprocs=cp, join=True)
-        for rank in range(cp):
-            res = dict(out[rank])
-            assert res["fused_calls"] == 1, res  # the fused path ran (once: fused=True)
-            assert res["err_True"] <= 1e-5, (cp, rank, res)
-            assert res["err_False"] <= 1e-5, (cp, rank, res)
-            assert res["fused_vs_generic"] <= 1e-5, (cp, rank, res)
+    out = spawn_ranks(_run, cp, seg, balance, rounds)
+    for rank in range(cp):
+        res = dict(out[rank])
+        assert res["fused_calls"] == 1, res  # the fused path ran (once: fused=True)
+        assert res["err_True"] <= 1e-5, (cp, rank, res)
+        assert res["err_False"] <= 1e-5, (cp, rank, res)
+        assert res["fused_vs_generic"] <= 1e-5, (cp, rank, res)

@@ -1,7 +1,7 @@
 """Building at any size: every layout initialises the single process's weights bitwise, and the
 456B model is sharded on the meta device without any rank holding more than its share.
 
-Both tests spawn gloo processes in-test (``mp.spawn``) and go through the trainer's own build
+Both tests spawn gloo processes in-test (``mp.spawn``, via ``spawn_ranks``) and go through the trainer's own build
 (:func:`mmtrain.train.distributed.build_parallel`; for the 456B model its meta half,
 :func:`mmtrain.parallel.apply.shard_model`, as materialising 114B parameters a rank does not fit
 this machine). The training step of the scaled-down twin under the same layout runs through the
@@ -16,10 +16,9 @@ import resource
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mmtrain.recipe import load_config
-from tests.conftest import free_port
+from tests.conftest import spawn_ranks
 
 # the parity tests' tiny hybrid MoE (2 heads over 1 KV head, 4 experts, a lightning and a
 # softmax layer), with a wider KV so that tp=2 splits it in some layouts
@@ -76,10 +75,7 @@ def _init_layouts(rank, world, port, out):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_layout_initialises_the_single_process_weights(world):
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_init_layouts, args=(world, free_port(), out), nprocs=world, join=True)
-        res = dict(out)
+    res = spawn_ranks(_init_layouts, world)
     for rank, layouts in res.items():
         for layout, r in layouts.items():
             assert r["bad"] == [], (rank, layout, r["bad"])
@@ -147,10 +143,7 @@ def test_456b_model_shards_on_meta_and_its_twin_trains_one_step(tmp_path):
     cfg = load_config(BIG)
     want_local, total = _expected_local_numel(cfg, tp=2, ep=2)
     assert total > 450e9  # MiniMax-Text-01: 456B parameters, 1.8 TB in fp32
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_big_meta, args=(4, free_port(), out), nprocs=4, join=True)
-        res = dict(out)
+    res = spawn_ranks(_big_meta, 4)
     m = cfg.model
     for rank, r in res.items():
         assert r["all_meta"], rank  # nothing materialised by the build and the module swaps

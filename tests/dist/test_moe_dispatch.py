@@ -7,11 +7,10 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mmtrain.config import ModelConfig
 from mmtrain.model.moe import MoE, capacity_keep
-from tests.conftest import free_port
+from tests.conftest import spawn_ranks
 
 T, D, E, F = 9, 6, 4, 8
 
@@ -78,13 +77,6 @@ def _dispatch(rank, world, port, ep, etp, out):
     dist.destroy_process_group()
 
 
-def _spawn(fn, world, *args):
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(fn, args=(world, free_port(), *args, out), nprocs=world, join=True)
-        return dict(out)
-
-
 def _check(out):
     for rank, res in out.items():
         for key, err in res.items():
@@ -92,15 +84,15 @@ def _check(out):
 
 
 def test_all_to_all_dispatcher_ep2():
-    _check(_spawn(_dispatch, 2, 2, 1))
+    _check(spawn_ranks(_dispatch, 2, 2, 1))
 
 
 def test_all_to_all_dispatcher_etp2():
-    _check(_spawn(_dispatch, 2, 1, 2))
+    _check(spawn_ranks(_dispatch, 2, 1, 2))
 
 
 def test_all_to_all_dispatcher_ep2_etp2():
-    _check(_spawn(_dispatch, 4, 2, 2))
+    _check(spawn_ranks(_dispatch, 4, 2, 2))
 
 
 # --------------------------------------------------------------------------- global routing
@@ -132,7 +124,7 @@ def _keep(rank, world, port, out):
 
 
 def test_global_routing_drops_are_one_devices_and_fewer_than_local():
-    out = _spawn(_keep, 2)
+    out = spawn_ranks(_keep, 2)
     # local: each rank keeps 2 of its three expert-0 slots; global: expert 0 has 6 slots for a
     # capacity of 4: rank 0's three (lower rank first), then rank 1's first one
     assert out[0]["local"] == [True, True, False, True]

@@ -6,13 +6,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mmtrain.config import ConfigError
 from mmtrain.parallel.apply import check_layout
 from mmtrain.recipe import load_config
-from tests.conftest import free_port
+from tests.conftest import spawn_ranks
 
 TINY = ["model.hidden_size=32", "model.num_heads=2", "model.num_kv_heads=1",
         "data.seq_len=32", "train.global_batch=4", "train.micro_batch=1"]
@@ -143,12 +142,10 @@ def _blocks(rank, world, port, out):
 
 
 def test_tp_blocks_match_single_process_math():
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_blocks, args=(2, free_port(), out), nprocs=2, join=True)
-        for rank in range(2):
-            for key, err in out[rank].items():
-                assert err < 1e-12, (rank, key, err)
+    out = spawn_ranks(_blocks, 2)
+    for rank in range(2):
+        for key, err in out[rank].items():
+            assert err < 1e-12, (rank, key, err)
 
 
 def test_parallel_package_imports_nothing_from_train():

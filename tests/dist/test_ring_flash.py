@@ -14,9 +14,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import spawn_ranks
 from tests.dist.test_context_ops import _data, _rank_piece, _rel
 
 
@@ -55,10 +54,8 @@ def _check_ring(rank, world, port, balance, rounds, out):
 @pytest.mark.parametrize("cp,balance,rounds", [(2, "zigzag", 2), (2, "contiguous", 1)],
                          ids=["cp2-zigzag2", "cp2-contiguous"])
 def test_ring_on_flash_matches_single_process(cp, balance, rounds):
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_check_ring, args=(cp, free_port(), balance, rounds, out), nprocs=cp, join=True)
-        res = [dict(out[r]) for r in range(cp)]
+    out = spawn_ranks(_check_ring, cp, balance, rounds)
+    res = [dict(out[r]) for r in range(cp)]
     for r, x in enumerate(res):
         # the kernel's LSE is fp32: fp64 data agree to fp32 rounding of the LSE
         assert x["err"] <= 2e-6, (r, x["err"])

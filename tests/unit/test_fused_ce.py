@@ -8,11 +8,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mmtrain.model.fused_ce import linear_cross_entropy
-from tests.conftest import free_port
+from tests.conftest import spawn_ranks
 
 N, D, V = 37, 12, 50
 
@@ -106,11 +105,9 @@ def _tp_worker(rank, world, port, out):
 
 
 def test_vocab_parallel_matches_single_process():
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_tp_worker, args=(2, free_port(), out), nprocs=2, join=True)
-        for rank in range(2):
-            for dtype, errs in out[rank].items():
-                tol = 1e-12 if "64" in dtype else 1e-6
-                for key, err in errs.items():
-                    assert err <= tol, (rank, dtype, key, err)
+    out = spawn_ranks(_tp_worker, 2)
+    for rank in range(2):
+        for dtype, errs in out[rank].items():
+            tol = 1e-12 if "64" in dtype else 1e-6
+            for key, err in errs.items():
+                assert err <= tol, (rank, dtype, key, err)
