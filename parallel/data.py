@@ -326,7 +326,7 @@ class ZeroAdamW:
         self.param_groups = [{"lr": lr, "betas": betas, "eps": eps,
                               "weight_decay": weight_decay}]
         self.step_count = 0
-        self.shards = []  # per bucket: master, exp_avg, exp_avg_sq, wd_mask or decay_runs
+        self.shards = []  # per bucket: master, exp_avg, exp_avg_sq, runs (+ wd_mask: ZeRO-1)
         for b in sync.buckets:
             flat = torch.zeros(b.padded, dtype=torch.float32, device=b.grad.device)
             for info, view in b.views(flat):
@@ -341,17 +341,7 @@ class ZeroAdamW:
                 for info, view in b.views(mask):
                     view.fill_(1.0 if info.decay else 0.0)
                 st["wd_mask"] = mask[own].clone()
-            else:  # [start, stop) runs of adjacent decayed parameters
-                runs = []
-                for info, off in zip(b.infos, b.offsets):
-                    if not info.decay:
-                        continue
-                    if runs and runs[-1][1] == off:
-                        runs[-1][1] = off + info.param.numel()
-                    else:
-                        runs.append([off, off + info.param.numel()])
-                st["decay_runs"] = runs
-            st["runs"] = self._runs(b, own)
+            st["runs"] = self._runs(b, own)  # whole buckets: weight decay by its decayed runs
             self.shards.append(st)
         dev = sync.buckets[0].grad.device if sync.buckets else torch.device("cpu")
         self.fused = dev.type == "cuda" if fused is None else fused
@@ -408,7 +398,7 @@ class ZeroAdamW:
             if self.sharded:
                 p.mul_(1 - lr * wd * st["wd_mask"])
             elif lr * wd:
-                for a, z in st["decay_runs"]:
+                for a, z in st["runs"][True]:
                     p[a:z].mul_(1 - lr * wd)
             m.lerp_(grad, 1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
