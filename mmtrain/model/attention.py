@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from mmtrain.config import ModelConfig
 from mmtrain.model.compiled import Region
-from mmtrain.model.layers import (RMSNorm, apply_partial_rope, lightning_slopes, rms_args,
-                                  rope_cos_sin, rope_qk_compiled, xavier_normal_)
+from mmtrain.model.layers import (RMSNorm, lightning_slopes, rms_args, rope_qk, rope_qk_compiled,
+                                  xavier_normal_)
 from mmtrain.model.moe import compute_dtype
 from mmtrain.model.ops import LightningOp, SoftmaxOp
 from mmtrain.model.recompute import maybe_checkpoint
@@ -114,12 +114,8 @@ class SoftmaxAttention(nn.Module):
         q = self.q_proj(x_TD).view(T, self.num_heads, self.head_dim)
         k = self.k_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
-        if self.use_compiled and self.rotary_dim:
-            q, k = rope_qk_compiled(q, k, position_ids, self.rotary_dim, self.rope_theta)
-        else:
-            cos, sin = rope_cos_sin(position_ids, self.rotary_dim, self.rope_theta, q.dtype)
-            q = apply_partial_rope(q, cos, sin, self.rotary_dim)
-            k = apply_partial_rope(k, cos, sin, self.rotary_dim)
+        rope = rope_qk_compiled if self.use_compiled and self.rotary_dim else rope_qk
+        q, k = rope(q, k, position_ids, self.rotary_dim, self.rope_theta)
         o = self.core(q, k, v, cu_seqlens, 1.0 / math.sqrt(self.head_dim))
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
 

@@ -79,8 +79,8 @@ def apply_partial_rope(x_THK: torch.Tensor, cos, sin, rotary_dim: int) -> torch.
 
 
 def rope_qk(q_THK, k_TGK, position_ids, rotary_dim: int, theta: float):
-    """Partial RoPE of q and k (:func:`rope_cos_sin` then :func:`apply_partial_rope` on each),
-    as softmax attention's eager code does it (``train.compile``: :data:`rope_qk_compiled`)."""
+    """Partial RoPE of q and k (:func:`rope_cos_sin` then :func:`apply_partial_rope` on each):
+    softmax attention's eager path (``train.compile``: :data:`rope_qk_compiled`)."""
     cos, sin = rope_cos_sin(position_ids, rotary_dim, theta, q_THK.dtype)
     return (apply_partial_rope(q_THK, cos, sin, rotary_dim),
             apply_partial_rope(k_TGK, cos, sin, rotary_dim))

@@ -11,17 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from mmtrain.config import ConfigError
+from mmtrain.config import _fail
 
 GIB = float(2 ** 30)
 RECOMPUTE = ("none", "selective", "full")
 #: mmtrain's order of the rank grids (parallel/topology.py); the time model's group strides
 #: (timing.py) and the search's Topology check follow it.
 ORDER = "tp-cp-ep-dp-pp"
-
-
-def _fail(path: str, msg: str) -> None:
-    raise ConfigError(f"{path}: {msg}")
 
 
 # ----------------------------------------------------------------------------------- configs
