@@ -32,24 +32,44 @@ def fusable(local, q) -> bool:
             and ts.HAVE_TRITON and (q.is_cuda or ts.interpreting()))
 
 
-def _seq_state(s_loc, P, n: int, s, reverse: bool):
-    """The state of sequence ``n`` of kernel plan ``P`` from a zero start, from its items' local
-    states ``s_loc`` [I, H, K, V]: decayed to the sequence's end (``reverse``: to its start).
-    The items' decay distances are copied to the device once per plan (every lightning layer
-    of a micro-batch shares it), not once per layer call."""
-    a, b = P.host_seq_items[n], P.host_seq_items[n + 1]
-    if b == a:
-        return s_loc.new_zeros(s_loc.shape[1:])
-    key = ("lasp_dist", n, reverse)
+def _seg_weights(P, segs, s, reverse: bool, extra: int = 0):
+    """``W`` [R, I, H]: ``Σ_i W[r, i, h] s_loc[i, h]`` is the state of kernel sequence
+    ``segs[r]`` of plan ``P`` from a zero start (``None``: a zero row), from its items' local
+    states — decayed to the sequence's end, or to its start when ``reverse``; ``extra`` more
+    steps of decay. The distances and the mask are built once per (plan, segments) and kept on
+    the device (every lightning layer of a micro-batch shares them); a layer's call costs three
+    small ops here and one batched GEMM after, for all its pieces at once."""
+    key = ("lasp_w", tuple(segs), reverse, extra)
     e = P.cache.get(key)
     if e is None:
-        if reverse:
-            d = [P.host_bos[i] - P.host_bos[a] for i in range(a, b)]
-        else:
-            d = [P.host_eos[b - 1] - P.host_eos[i] for i in range(a, b)]
-        e = P.cache[key] = torch.tensor(d, dtype=torch.float32, device=s_loc.device)
-    w = torch.exp(-e[:, None] * s[None])
-    return (w[:, :, None, None] * s_loc[a:b]).sum(0)
+        gap = torch.zeros(len(segs), P.n_items, dtype=torch.float32)
+        mask = torch.zeros(len(segs), P.n_items, dtype=torch.float32)
+        for r, n in enumerate(segs):
+            if n is None:
+                continue
+            a, b = P.host_seq_items[n], P.host_seq_items[n + 1]
+            for i in range(a, b):
+                gap[r, i] = extra + (P.host_bos[i] - P.host_bos[a] if reverse
+                                      else P.host_eos[b - 1] - P.host_eos[i])
+                mask[r, i] = 1.0
+        e = P.cache[key] = (gap.to(s.device)[..., None], mask.to(s.device)[..., None])
+    gap, mask = e
+    return torch.exp(-gap * s) * mask
+
+
+def _seg_states(s_loc, P, segs, s, reverse: bool, extra: int = 0):
+    """[R, H, K, V]: the states of :func:`_seg_weights` from the items' local states ``s_loc``
+    [I, H, K, V] (one batched GEMM over the heads)."""
+    return torch.einsum("rih,ihkv->rhkv", _seg_weights(P, segs, s, reverse, extra), s_loc)
+
+
+def _index(plan, dev, name, values):
+    """A host index list of the CP plan as a device tensor, built once per plan."""
+    key = ("lasp_idx", name, str(dev))
+    t = plan._cache.get(key)
+    if t is None:
+        t = plan._cache[key] = torch.tensor(values, dtype=torch.long, device=dev)
+    return t
 
 
 class LaspPlusFused(torch.autograd.Function):
@@ -67,32 +87,39 @@ class LaspPlusFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, slopes, cu, cpx, plan):
         from mmtrain.kernels.lightning import triton_scan as ts
-        from mmtrain.kernels.lightning.autograd import _flat_bounds
+        from mmtrain.kernels.lightning.autograd import _flat_bounds, _slog2
 
         _, T, H, K = q.shape
         V = v.shape[-1]
+        dev = q.device
         q_, k_, v_ = (x.contiguous().view(T, H, x.shape[-1]) for x in (q, k, v))
-        s = slopes.detach().to(device=q.device, dtype=torch.float32)
+        s = slopes.detach().to(device=dev, dtype=torch.float32)
+        slog2 = _slog2(slopes, dev)
         bounds = _flat_bounds(q, cu)
         rows = _corrected_rows(plan)
         held = {}
 
         def hook(s_loc, P):
-            kv = torch.stack([_seq_state(s_loc, P, plan.last_seg[b], s, False)
-                              for b in range(plan.rows)])
+            kv = _seg_states(s_loc, P, plan.last_seg, s, False)
             kv_in = combine_states(plan, cpx.all_gather(kv), s, transpose=False)
             init = s_loc.new_zeros(P.n_seq, H, K, V)
-            for b, _, _ in rows:
-                init[plan.first_seg[b]] = kv_in[b]
+            if rows:  # KV_in enters the chain of each corrected piece's first segment
+                init.index_copy_(0, _index(plan, dev, "first_seg", [plan.first_seg[b]
+                                                                     for b, _, _ in rows]),
+                                 kv_in.index_select(0, _index(plan, dev, "rows",
+                                                              [b for b, _, _ in rows])))
             held["init"] = init
             return init
 
-        nv = -(-V // int(ts._cfg(K, V, q.dtype, q.device)["BV"]))
-        P = ts.get_plan(bounds, ts.choose_seg_len(bounds, H, nv, q.device), q.device, True)
-        o, _, items_in = ts.scan_attention(q_, k_, v_, s, P, state_hook=hook, keep_items_in=True)
+        cfg = ts._cfg(K, V, q.dtype, dev)
+        P = ts.get_plan(bounds, ts.choose_seg_len(bounds, H, -(-V // int(cfg["BV"])), dev), dev,
+                        True)
+        o, _, items_in = ts.scan_attention(q_, k_, v_, s, P, state_hook=hook, keep_items_in=True,
+                                           cfg=cfg, slog2=slog2)
         ctx.save_for_backward(q_, k_, v_, held["init"])
-        ctx.P, ctx.items_in = P, items_in  # dq's item states, transposed
-        ctx.bounds, ctx.s, ctx.cpx, ctx.plan, ctx.shape = bounds, s, cpx, plan, (T, H, K, V)
+        ctx.P, ctx.items_in, ctx.cfg = P, items_in, cfg  # dq's item states, transposed
+        ctx.bounds, ctx.s, ctx.slog2, ctx.cpx, ctx.plan = bounds, s, slog2, cpx, plan
+        ctx.shape = (T, H, K, V)
         return o.view(1, T, H, V)
 
     @staticmethod
@@ -102,44 +129,44 @@ class LaspPlusFused(torch.autograd.Function):
         q_, k_, v_, init = ctx.saved_tensors
         T, H, K, V = ctx.shape
         plan, cpx, s, bounds, dev = ctx.plan, ctx.cpx, ctx.s, ctx.bounds, q_.device
+        sl2 = ctx.slog2
         do_ = do.contiguous().view(T, H, V)
-
-        def plan_for(d_out, d_state, two_pass=False):
-            nv = -(-d_out // int(ts._cfg(d_state, d_out, q_.dtype, dev)["BV"]))
-            return ts.get_plan(bounds, ts.choose_seg_len(bounds, H, nv, dev), dev, two_pass)
-
-        P_q = plan_for(K, V, True)
-        if P_q is ctx.P:
-            dq, _ = ts.scan_attention(do_, v_, k_, s, P_q, out_dtype=q_.dtype,
-                                      items_in=ctx.items_in.transpose(-1, -2))
+        # the state-transposed scans (dq, dk) share one config and plan; dv has the forward's
+        if K == V:
+            cfg_t, P_t = ctx.cfg, ctx.P
         else:
-            dq, _ = ts.scan_attention(do_, v_, k_, s, P_q, init.transpose(-1, -2),
-                                      out_dtype=q_.dtype)
+            cfg_t = ts._cfg(V, K, q_.dtype, dev)
+            P_t = ts.get_plan(bounds, ts.choose_seg_len(bounds, H, -(-K // int(cfg_t["BV"])),
+                                                        dev), dev, True)
+        if P_t is ctx.P:
+            dq, _ = ts.scan_attention(do_, v_, k_, s, P_t, out_dtype=q_.dtype,
+                                      items_in=ctx.items_in.transpose(-1, -2), cfg=cfg_t,
+                                      slog2=sl2)
+        else:
+            dq, _ = ts.scan_attention(do_, v_, k_, s, P_t, init.transpose(-1, -2),
+                                      out_dtype=q_.dtype, cfg=cfg_t, slog2=sl2)
         ctx.items_in = None
-        rows = _corrected_rows(plan)
+        corrected = {b for b, _, _ in _corrected_rows(plan)}
+        first = [plan.first_seg[b] if b in corrected else None for b in range(plan.rows)]
         held = {}
 
         def hook(s_loc, P):  # s_loc: reverse local states of (q, dO)
-            lam = torch.exp(-s)[:, None, None]
-            din = s_loc.new_zeros(plan.rows, H, K, V)
-            for b, _, _ in rows:
-                din[b] = lam * _seq_state(s_loc, P, plan.first_seg[b], s, True)
+            din = _seg_states(s_loc, P, first, s, True, extra=1)  # λ · (first segment's state)
             dkv = combine_states(plan, cpx.all_gather(din), s, transpose=True)
             Y = s_loc.new_zeros(P.n_seq, H, K, V)
-            for b in range(plan.rows):
-                Y[plan.last_seg[b]] = dkv[b] / lam
+            Y.index_copy_(0, _index(plan, dev, "last_seg", plan.last_seg),
+                          dkv * torch.exp(s)[:, None, None])  # ÷ λ
             held["Y"] = Y
             return Y
 
-        P_v = plan_for(V, K, True)
-        dv, _, items_v = ts.scan_attention(k_, q_, do_, s, P_v, reverse=True, out_dtype=v_.dtype,
-                                           state_hook=hook, keep_items_in=True)
-        P_k = plan_for(K, V, True)
-        if P_k is P_v:  # the dv scan's item states, transposed
-            dk, _ = ts.scan_attention(v_, do_, q_, s, P_k, reverse=True, out_dtype=k_.dtype,
-                                      items_in=items_v.transpose(-1, -2))
+        dv, _, items_v = ts.scan_attention(k_, q_, do_, s, ctx.P, reverse=True,
+                                           out_dtype=v_.dtype, state_hook=hook,
+                                           keep_items_in=True, cfg=ctx.cfg, slog2=sl2)
+        if P_t is ctx.P:  # the dv scan's item states, transposed
+            dk, _ = ts.scan_attention(v_, do_, q_, s, P_t, reverse=True, out_dtype=k_.dtype,
+                                      items_in=items_v.transpose(-1, -2), cfg=cfg_t, slog2=sl2)
         else:
-            dk, _ = ts.scan_attention(v_, do_, q_, s, P_k, held["Y"].transpose(-1, -2),
-                                      reverse=True, out_dtype=k_.dtype)
+            dk, _ = ts.scan_attention(v_, do_, q_, s, P_t, held["Y"].transpose(-1, -2),
+                                      reverse=True, out_dtype=k_.dtype, cfg=cfg_t, slog2=sl2)
         return (dq.view(1, T, H, K), dk.view(1, T, H, K), dv.view(1, T, H, V), None, None, None,
                 None)
