@@ -552,7 +552,8 @@ def main():
            "softmax_impls": impls}
     names = {"laspplus": "LASP+", "laspplus-unfused": "LASP+ unfused", "lasp": "LASP"}
     res["lightning_columns"] = ([(f"{m}_{b}", names[m]
-                                  + f" {b[:3]}{b[6:]}") for b in balances for m in modes_for(b)]
+                                  + (" contig" if b == "contiguous" else f" zig{b[6:]}"))
+                                 for b in balances for m in modes_for(b)]
                                 if WORLD > 1 else [])
     try:
         import triton

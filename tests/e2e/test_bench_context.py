@@ -24,6 +24,8 @@ def test_bench_context_cpu_smoke_two_processes(tmp_path):
     assert any("lasp contiguous" in n for n in names), names
     assert all(c["max_rel_err"] < 1e-5 for c in res["checks"]), res["checks"]
     assert res["softmax_op"] and res["lightning"] and res["ring"]
+    labels = dict(map(tuple, res["lightning_columns"]))  # the table's column heads
+    assert labels["laspplus_zigzag2"] == "LASP+ zig2" and labels["lasp_contiguous"] == "LASP contig"
     row = res["lightning"][0]
     for key in ("cp1_ms", "laspplus_zigzag_ms", "laspplus_zigzag2_ms", "laspplus_contiguous_ms",
                 "lasp_contiguous_ms",
