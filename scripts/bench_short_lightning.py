@@ -23,11 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 from mmtrain.kernels.lightning import lightning_attn
-
-
-def slopes_for(H, layer=0, L=80):
-    h = torch.arange(H, dtype=torch.float64)
-    return (2.0 ** (-8.0 * (h + 1) / H) * (1 - layer / (L - 1) + 1e-5)).float()
+from mmtrain.model.layers import lightning_slopes
 
 
 def main():
@@ -45,7 +41,7 @@ def main():
     for T in (int(t) for t in a.T.split(",")):
         q, k, v = (torch.randn(1, T, H, 128, device="cuda", dtype=torch.bfloat16,
                                requires_grad=True) for _ in range(3))
-        s = slopes_for(H).cuda()
+        s = lightning_slopes(0, 80, H).float().cuda()  # layer 0 of MiniMax-Text-01's 80
         do = torch.randn_like(v)
         auto_ms = None
         for name, seg in (("auto", None), ("seg0", 0)):

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from mmtrain.config import ModelConfig
 from mmtrain.model.compiled import Region
-from mmtrain.model.layers import (RMSNorm, lightning_slopes, rms_args, rope_qk, rope_qk_compiled,
-                                  xavier_normal_)
+from mmtrain.model.layers import (RMSNorm, lightning_slopes, rms_args, rms_norm, rope_qk,
+                                  rope_qk_compiled, xavier_normal_)
 from mmtrain.model.moe import compute_dtype
 from mmtrain.model.ops import LightningOp, SoftmaxOp
 from mmtrain.model.recompute import maybe_checkpoint
@@ -25,9 +25,7 @@ def norm_gate(o_TW, weight, eps: float, gate_TW, dtype):
     """Lightning attention's output :class:`RMSNorm` (gain ``weight``) of ``o`` in ``dtype``,
     times the sigmoid of the gate projection: the ops of ``LightningAttention._core``
     (``train.compile``: :data:`norm_gate_compiled`)."""
-    o = o_TW.to(dtype)
-    w = weight if weight.dtype == o.dtype else weight.to(o.dtype)
-    return F.rms_norm(o, (o.shape[-1],), w, eps) * torch.sigmoid(gate_TW)
+    return rms_norm(o_TW.to(dtype), weight, eps) * torch.sigmoid(gate_TW)
 
 
 norm_gate_compiled = Region(norm_gate, token_args=(0, 3))

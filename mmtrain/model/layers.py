@@ -14,6 +14,14 @@ import torch.nn.functional as F
 from mmtrain.model.compiled import Region
 
 
+def rms_norm(x, weight, eps: float):
+    """RMSNorm of the last dim with gain ``weight``. A half-precision input (the lightning output
+    norm under autocast) meets the gain in its dtype, as autocast does for a GEMM's weight (the
+    fused kernel needs equal dtypes; it accumulates in fp32); fp32 inputs are unchanged."""
+    w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -21,11 +29,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # A half-precision input (the lightning output norm under autocast) meets the gain in its
-        # dtype, as autocast does for a GEMM's weight (the fused kernel needs equal dtypes; it
-        # accumulates in fp32); fp32 inputs are unchanged.
-        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
-        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
     def reset_parameters(self):
         nn.init.ones_(self.weight)
@@ -43,8 +47,7 @@ def residual_norm(x, y, alpha, weight, eps: float, keep_sum: bool):
     post-attention norm, the same ops as its eager code (``train.compile``:
     :data:`residual_norm_compiled`)."""
     h = x + y if alpha is None else alpha * x + y
-    w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
-    m = F.rms_norm(h, (h.shape[-1],), w, eps)
+    m = rms_norm(h, weight, eps)
     return (h, m) if keep_sum else m
 
 

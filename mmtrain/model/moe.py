@@ -68,10 +68,15 @@ class Routing:
     combine_dtype: torch.dtype = torch.float32
 
 
+def _router_probs(logits_TE: torch.Tensor) -> torch.Tensor:
+    """The router's softmax over the experts, in fp32 (fp64 stays fp64)."""
+    return torch.softmax(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)), dim=-1)
+
+
 def route_weights(logits_TE: torch.Tensor, top_k: int, idx_TK: torch.Tensor | None = None):
     """(probs_TE, idx_TK, weight_TK): the fp32 softmax, the top-k experts (``idx_TK`` given:
     these), their probabilities renormalised to sum 1."""
-    probs = torch.softmax(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)), dim=-1)
+    probs = _router_probs(logits_TE)
     if idx_TK is None:
         with torch.no_grad():
             idx_TK = torch.topk(probs, top_k, dim=-1).indices
@@ -82,8 +87,7 @@ def route_weights(logits_TE: torch.Tensor, top_k: int, idx_TK: torch.Tensor | No
 
 def route_choice(logits_TE: torch.Tensor, top_k: int) -> torch.Tensor:
     """The top-k experts of :func:`route_weights` alone (no gradient)."""
-    probs = torch.softmax(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)), dim=-1)
-    return torch.topk(probs, top_k, dim=-1).indices
+    return torch.topk(_router_probs(logits_TE), top_k, dim=-1).indices
 
 
 def route_probs(logits_TE: torch.Tensor, idx_TK: torch.Tensor):

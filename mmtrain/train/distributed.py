@@ -194,11 +194,11 @@ def load_checkpoint(par, path, optimizer) -> dict:
         if zero:
             if not optimizer.sharded:  # whole buckets: every replica steps the whole tensor
                 lo, hi = 0, info.param.numel()
-            for key, name in (("master", "model"), ("exp_avg", "optim"), ("exp_avg_sq", "optim")):
-                chunks = _owned_chunks(par, info, lo, hi, copy=False,
-                                       flat=_flat(optimizer, b, key, off, lo, hi))
-                fqn = f"model.{info.name}" if name == "model" else f"optim.{info.name}.{key}"
-                want[fqn] = ShardedPieces(full, torch.float32, chunks)
+            for key, fqn in (("master", f"model.{info.name}"),
+                             ("exp_avg", f"optim.{info.name}.exp_avg"),
+                             ("exp_avg_sq", f"optim.{info.name}.exp_avg_sq")):
+                want[fqn] = ShardedPieces(full, torch.float32, _owned_chunks(
+                    par, info, lo, hi, copy=False, flat=_flat(optimizer, b, key, off, lo, hi)))
         else:
             want[f"model.{info.name}"] = ShardedPieces(full, info.param.dtype,
                                                        _all_chunks(par, info, info.param.data))
