@@ -1,5 +1,6 @@
 """Shared test helpers. Tests run on CPU; distributed tests use gloo with short timeouts."""
 
+import json
 import os
 import socket
 import sys
@@ -25,6 +26,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def metrics_records(run_dir) -> list:
+    """The per-step records of a run's ``metrics.jsonl``, in order."""
+    return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
 
 
 def spawn_ranks(fn, world: int, *args) -> dict:

@@ -25,8 +25,8 @@ from mmtrain.recipe import load_config
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train.distributed import build_optimizer, build_parallel, load_checkpoint
 from mmtrain.train.loop import train
-from tests.conftest import spawn_ranks
-from tests.dist.test_parallel_parity import BASE, _records, _torchrun
+from tests.conftest import metrics_records, spawn_ranks
+from tests.dist.test_parallel_parity import BASE, _torchrun
 
 OVR = BASE + ["train.aux_loss_coef=0.0", "train.dtype=bf16", "train.ckpt_every=2",
               "train.keep_last=3"]
@@ -35,7 +35,7 @@ RTOL = 2e-4
 
 
 def _losses(run):
-    return [r["loss"] for r in _records(run)]
+    return [r["loss"] for r in metrics_records(run)]
 
 
 def _close(got, want):

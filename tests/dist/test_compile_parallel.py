@@ -6,14 +6,13 @@ local heads of the all-gathered sequence; the lightning output norm is TP's full
 all-reduce), which stays eager. The run logs one graph per region used (no recompile over its
 steps) and none for the lightning norm + gate."""
 
-import json
 import re
 import subprocess
 import sys
 
 from mmtrain.recipe import load_config
 from mmtrain.train.loop import train
-from tests.conftest import free_port, subprocess_env
+from tests.conftest import free_port, metrics_records, subprocess_env
 
 BASE = ["model.hidden_size=32", "model.ffn_hidden_size=32", "model.num_layers=2",
         "model.softmax_every=2", "model.num_heads=2", "model.num_kv_heads=1",
@@ -23,13 +22,9 @@ BASE = ["model.hidden_size=32", "model.ffn_hidden_size=32", "model.num_layers=2"
         "parallel.timeout_s=60"]
 
 
-def _records(run_dir):
-    return [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
-
-
 def test_tp2_compiled_matches_single_process_eager(tmp_path):
     train(load_config(BASE + [f"run.dir={tmp_path / 'ref'}"]))
-    ref = _records(tmp_path / "ref")
+    ref = metrics_records(tmp_path / "ref")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(free_port()), "-m", "mmtrain.train", *BASE, "parallel.tp=2",
            "train.compile=true", f"run.dir={tmp_path / 'tp2'}"]
@@ -40,7 +35,7 @@ def test_tp2_compiled_matches_single_process_eager(tmp_path):
     graphs = dict((k, int(v)) for k, v in (p.split() for p in line.group(1).split(", ")))
     assert graphs == {"residual_norm": 1, "rope_qk": 1, "route_choice": 1, "route_probs": 1,
                       "norm_gate": 0}, graphs
-    got = _records(tmp_path / "tp2")
+    got = metrics_records(tmp_path / "tp2")
     assert len(got) == len(ref) == 3
     for key in ("loss", "aux_loss", "grad_norm"):
         for a, b in zip(got, ref):

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from mmtrain.recipe import load_config
-from tests.conftest import spawn_ranks
+from tests.conftest import metrics_records, spawn_ranks
 
 # the parity tests' tiny hybrid MoE (2 heads over 1 KV head, 4 experts, a lightning and a
 # softmax layer), with a wider KV so that tp=2 splits it in some layouts
@@ -156,7 +156,7 @@ def test_456b_model_shards_on_meta_and_its_twin_trains_one_step(tmp_path):
         assert r["w13"] == (m.num_experts // 2, 2 * m.ffn_hidden_size, m.hidden_size)
         assert r["qkv"] == (3 * m.num_heads * m.head_dim // 2, m.hidden_size)
     # the scaled-down twin: the same layout, the same code path, one step = one process's loss
-    from tests.dist.test_parallel_parity import BASE, _records, _torchrun
+    from tests.dist.test_parallel_parity import BASE, _torchrun
     from mmtrain.train.loop import train
 
     layout = ["parallel.tp=2", "parallel.ep=2", "train.max_steps=1"]
@@ -164,5 +164,5 @@ def test_456b_model_shards_on_meta_and_its_twin_trains_one_step(tmp_path):
     train(load_config(BASE + ["train.max_steps=1", f"run.dir={ref}"]))
     run = tmp_path / "tp2ep2"
     _torchrun(4, BASE, layout, run)
-    got, want = _records(run)[0]["loss"], _records(ref)[0]["loss"]
+    got, want = metrics_records(run)[0]["loss"], metrics_records(ref)[0]["loss"]
     assert abs(got - want) <= 1e-6 * abs(want), (got, want)

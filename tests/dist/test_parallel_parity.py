@@ -15,7 +15,6 @@ coefficient 0 (under accumulation the aux gradient uses running counts, which de
 micro-batches are grouped: ``mmtrain.model.moe``).
 """
 
-import json
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from mmtrain.recipe import load_config
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train.loop import build_model, train
 from mmtrain.train.optim import build_optimizer
-from tests.conftest import free_port, subprocess_env
+from tests.conftest import free_port, metrics_records, subprocess_env
 
 BASE = ["model.hidden_size=32", "model.ffn_hidden_size=32", "model.num_layers=2",
         "model.softmax_every=2", "model.num_heads=2", "model.num_kv_heads=1",
@@ -39,10 +38,6 @@ CAPACITY = BASE + ["model.capacity_factor=1.0", "model.global_routing=true"]
 ACCUM = BASE + ["train.aux_loss_coef=0.0"]
 REF_STEPS, STEPS = 7, 5
 RTOL = 1e-5
-
-
-def _records(run_dir):
-    return [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
 
 
 def _torchrun(nproc, ovr, args, run_dir, timeout=300):
@@ -72,8 +67,8 @@ def _assert_close(got, want, what="loss"):
         assert abs(x - y) <= RTOL * abs(y), (what, got, want)
 
 
-def _assert_same_records(run, ref, n=STEPS):
-    recs = _records(run)
+def _assert_samemetrics_records(run, ref, n=STEPS):
+    recs = metrics_records(run)
     _assert_close([r["loss"] for r in recs], [r["loss"] for r in ref][:n])
     _assert_close([r["aux_loss"] for r in recs], [r["aux_loss"] for r in ref][:n], "aux")
     _assert_close([r["drop_rate"] for r in recs], [r["drop_rate"] for r in ref][:n], "drop")
@@ -91,7 +86,7 @@ def _reference(tmp_path_factory, ovr, name):
     run = tmp_path_factory.mktemp(name) / "run"
     train(load_config(ovr + [f"train.max_steps={REF_STEPS}", "train.ckpt_every=5",
                              "train.keep_last=3", f"run.dir={run}"]))
-    return {"records": _records(run), "dir": run, "ovr": ovr,
+    return {"records": metrics_records(run), "dir": run, "ovr": ovr,
             "state5": _checkpoint_tensors(run / "checkpoints" / "step_00000005", ovr)}
 
 
@@ -110,7 +105,7 @@ def capacity(tmp_path_factory):
 def _run_and_compare(ref, tmp_path, nproc, args):
     run = tmp_path / "run"
     out = _torchrun(nproc, ref["ovr"], args + [f"train.max_steps={STEPS}"], run)
-    _assert_same_records(run, ref["records"])
+    _assert_samemetrics_records(run, ref["records"])
     final = ckpt.latest(run)
     assert final.name == f"step_{STEPS:08d}"
     _assert_same_state(_checkpoint_tensors(final, ref["ovr"]), ref["state5"])
@@ -153,10 +148,10 @@ def test_gradient_accumulation_matches_single_process(tmp_path_factory, tmp_path
     ref = _reference(tmp_path_factory, ACCUM, "accum")
     run = tmp_path / "run"
     _torchrun(2, ACCUM, ["train.micro_batch=1", f"train.max_steps={STEPS}"], run)
-    _assert_close([r["loss"] for r in _records(run)],
+    _assert_close([r["loss"] for r in metrics_records(run)],
                   [r["loss"] for r in ref["records"]][:STEPS])
     # the logged aux value is the exact global-batch one whatever the accumulation
-    _assert_close([r["aux_loss"] for r in _records(run)],
+    _assert_close([r["aux_loss"] for r in metrics_records(run)],
                   [r["aux_loss"] for r in ref["records"]][:STEPS], "aux")
     _assert_same_state(_checkpoint_tensors(ckpt.latest(run), ACCUM), ref["state5"])
 
@@ -168,7 +163,7 @@ def _resume(nproc, ovr, args, src, dst):
         assert [s for s, _ in res.losses] == list(range(STEPS + 1, REF_STEPS + 1))
     else:
         _torchrun(nproc, ovr, args + [f"train.max_steps={REF_STEPS}"], dst)
-    return [r["loss"] for r in _records(dst)]
+    return [r["loss"] for r in metrics_records(dst)]
 
 
 def test_ep2_etp2_reshards_to_ep4_and_one_process(dropless, tmp_path):
@@ -205,7 +200,7 @@ def test_cli_tp2_dp2_then_reshard_to_dp4_and_one_process(capacity, tmp_path):
     out = _torchrun(4, CAPACITY, ["parallel.tp=2", "parallel.dp=2", "parallel.zero1=true",
                                   f"train.max_steps={STEPS}"], run)
     assert "4 process(es)" in out.stdout
-    _assert_same_records(run, capacity["records"])
+    _assert_samemetrics_records(run, capacity["records"])
     _assert_same_state(_checkpoint_tensors(ckpt.latest(run), CAPACITY), capacity["state5"])
     ref = [r["loss"] for r in capacity["records"]]
     _assert_close(_resume(4, CAPACITY, ["parallel.dp=4", "parallel.zero1=true"], run,

@@ -16,7 +16,8 @@ import torch
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.recipe import load_config
 from mmtrain.train.loop import train
-from tests.dist.test_parallel_parity import BASE, _records, _torchrun
+from tests.conftest import metrics_records
+from tests.dist.test_parallel_parity import BASE, _torchrun
 
 TP2DP2 = ["parallel.tp=2", "parallel.dp=2", "parallel.zero1=true"]
 # a wider model than the parity tests' so that the tensors dwarf DCP's per-item framing
@@ -43,7 +44,7 @@ def _written(path):
 def test_tp2_dp2_zero1_saves_shards_and_resumes_under_dp4_and_one_process(tmp_path):
     run = tmp_path / "tp2dp2"
     _torchrun(4, OVR, TP2DP2 + ["train.max_steps=3"], run)
-    want = [r["loss"] for r in _records(run)]
+    want = [r["loss"] for r in metrics_records(run)]
     src = ckpt.checkpoint_root(run) / "step_00000002"
 
     by, logical = _written(src)
@@ -81,6 +82,6 @@ def test_tp2_dp2_zero1_saves_shards_and_resumes_under_dp4_and_one_process(tmp_pa
             train(load_config(OVR + ["train.max_steps=3", f"run.dir={dst}"]))
         else:
             _torchrun(nproc, OVR, args + ["train.max_steps=3"], dst)
-        got = [r["loss"] for r in _records(dst)]
+        got = [r["loss"] for r in metrics_records(dst)]
         assert len(got) == 3 and got[:2] == want[:2]
         assert abs(got[2] - want[2]) <= RTOL * abs(want[2]), (name, got, want)

@@ -19,7 +19,6 @@ One tiny model (the training-loop test's dimensions, so the graphs compiled once
 of the file): compilation on CPU is slow.
 """
 
-import json
 
 import pytest
 import torch
@@ -36,6 +35,7 @@ from mmtrain.model.moe import (route_choice, route_choice_compiled, route_probs,
                                route_probs_compiled)
 from mmtrain.recipe import load_config
 from mmtrain.train.loop import train
+from tests.conftest import metrics_records
 
 V, T = 258, 48
 
@@ -235,13 +235,9 @@ TRAIN = ["model.hidden_size=32", "model.ffn_hidden_size=32", "model.num_layers=2
          "train.batch_schedule=[[0,64],[128,128]]"]
 
 
-def _records(run):
-    return [json.loads(l) for l in open(run / "metrics.jsonl")]
-
-
 def test_training_loop_compiled_matches_eager_without_recompiling(tmp_path, capsys):
     train(load_config(TRAIN + [f"run.dir={tmp_path / 'ref'}"]))
-    ref = _records(tmp_path / "ref")
+    ref = metrics_records(tmp_path / "ref")
     run = [f"run.dir={tmp_path / 'c'}", "train.compile=true"]
     train(load_config(TRAIN + run + ["train.max_steps=1"]))  # warm-up: one step
     warm = {r.name: r.graphs() for r in compiled.REGIONS}
@@ -251,7 +247,7 @@ def test_training_loop_compiled_matches_eager_without_recompiling(tmp_path, caps
     assert all(n >= 1 for n in warm.values()), warm
     assert {r.name: r.graphs() for r in compiled.REGIONS} == warm
     assert "train.compile: graphs per compiled region: residual_norm" in capsys.readouterr().out
-    got = _records(tmp_path / "c")
+    got = metrics_records(tmp_path / "c")
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for key in ("loss", "aux_loss", "grad_norm", "drop_rate"):
         for a, b in zip(got, ref):

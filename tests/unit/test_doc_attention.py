@@ -94,15 +94,19 @@ def test_backward_with_merged_lse_sums_to_the_merged_gradient():
             torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
 
 
+def op_with_grads(op, q, k, v, cu, scale):
+    """(o, dq, dk, dv) of a softmax op ``(q, k, v, cu_seqlens, scale) -> o`` under the loss
+    ``Σ o²``."""
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    o = op(qr, kr, vr, cu, scale)
+    o.pow(2).sum().backward()
+    return o.detach(), qr.grad, kr.grad, vr.grad
+
+
 def test_doc_softmax_op_matches_per_document_sdpa_with_gradients():
     cu = torch.tensor([0, 3, 4, 17, 40], dtype=torch.int32)
     q, k, v = _qkv(40, 40, H=4, G=1, K=16, dtype=torch.float32, seed=1)
-    outs = []
-    for op in (SoftmaxOp(), DocSoftmaxOp()):
-        qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-        o = op(qr, kr, vr, cu, 0.25)
-        o.pow(2).sum().backward()
-        outs.append((o.detach(), qr.grad, kr.grad, vr.grad))
+    outs = [op_with_grads(op, q, k, v, cu, 0.25) for op in (SoftmaxOp(), DocSoftmaxOp())]
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

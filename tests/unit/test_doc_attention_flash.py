@@ -16,6 +16,7 @@ from mmtrain.model.doc_attention import (DocAttention, DocSoftmaxOp, Segments, f
                                          ref_backward, ref_forward)
 from mmtrain.model.ops import SoftmaxOp
 from tests.flash_standin import FlashStandIn
+from tests.unit.test_doc_attention import op_with_grads
 
 
 def _qkv(Tq, Tk, H=4, G=2, K=8, dtype=torch.float64, seed=0):
@@ -141,12 +142,8 @@ def test_doc_softmax_op_flash_path_with_gradients():
     cu = torch.tensor([0, 3, 4, 17, 40], dtype=torch.int32)
     q, k, v = _qkv(40, 40, H=4, G=2, K=16, dtype=torch.float32, seed=1)
     kern = FlashStandIn()
-    outs = []
-    for op in (SoftmaxOp(), DocSoftmaxOp("flash", kernels=kern)):
-        qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-        o = op(qr, kr, vr, cu, 0.25)
-        o.pow(2).sum().backward()
-        outs.append((o.detach(), qr.grad, kr.grad, vr.grad))
+    outs = [op_with_grads(op, q, k, v, cu, 0.25)
+            for op in (SoftmaxOp(), DocSoftmaxOp("flash", kernels=kern))]
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     segs = cu._doc_segments[1]
