@@ -174,3 +174,37 @@ def test_rejects_bad_shapes(interp):
         lightning_attn(q, q, q, torch.ones(1), torch.tensor([0, 10]))
     with pytest.raises(ValueError):
         lightning_attn(q, q, q, torch.ones(1), None, torch.zeros(3, 1, 16, 16))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_state_hook_one_item_per_sequence(interp, reverse):
+    """A state hook on a plan whose sequences are one item each (what LASP+ runs at large H):
+    the hook sees every sequence's local state from zero, and the outputs, final states and
+    kept incoming states are those of the single pass from the hook's initial states, exactly
+    (the plain out pass, no chain); the state pass alone (``local_states``) gives the hook's
+    states."""
+    from mmtrain.kernels.lightning import triton_scan as ts
+
+    H, K, V = 2, 16, 32
+    bounds = [(a, b) for a, b in zip(CU, CU[1:])]
+    q, k, v, s0, slopes, _, _ = _inputs(1, CU[-1], H, K, V, torch.float32, len(CU) - 1, seed=7)
+    q, k, v = (x[0].contiguous() for x in (q, k, v))
+    dev = torch.device("cpu")
+    P1 = ts.get_plan(bounds, None, dev, False)
+    P2 = ts.get_plan(bounds, None, dev, True)
+    assert P2.two_pass and P2.n_items == P2.n_seq
+    seen = {}
+
+    def hook(s_loc, P):
+        seen["s_loc"] = s_loc.clone()
+        return s0
+
+    o, fin, kept = ts.scan_attention(q, k, v, slopes, P2, output_final_state=True,
+                                     reverse=reverse, state_hook=hook, keep_items_in=True)
+    o1, fin1 = ts.scan_attention(q, k, v, slopes, P1, s0, True, reverse=reverse)
+    assert torch.equal(o, o1) and torch.equal(fin, fin1) and torch.equal(kept, s0)
+    # the hook's states: each sequence's state from zero (its final state from a zero start)
+    _, zero_fin = ts.scan_attention(q, k, v, slopes, P1, None, True, reverse=reverse)
+    assert rel(seen["s_loc"], zero_fin) < 1e-5
+    s_loc = ts.local_states(k, v, (slopes * ts.LOG2E).contiguous(), P2, reverse)
+    assert torch.equal(s_loc, seen["s_loc"])
