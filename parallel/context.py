@@ -320,49 +320,56 @@ def _state_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _chain_coef(plan: CPPlan, slopes, dtype, device, transpose: bool):
-    """[C, m, B, m, H] with B global rows and m pieces per row per rank: forward
-    (``transpose=False``) ``coef[j, s, b, t]`` weighs rank j's slot-s state of row b in the
-    incoming state of this rank's slot-t piece of row b; backward ``coef[j, t, b, s]`` weighs
-    rank j's slot-t ``dKV_in`` of row b in the gradient of this rank's slot-s state of row b.
-    The weight is ``λ^((u-1-w)·Tl)`` (u receiving, w sending virtual piece) where the chain of u
-    includes w (:meth:`CPPlan.chain_mask`), else 0. The plan caches the exponents and the mask
-    only: every layer has its own slopes."""
-    key = ("chain", transpose, str(device), dtype)
+def _chain_matrix(plan: CPPlan, slopes, dtype, device, transpose: bool, rows=None,
+                  extra: int = 0):
+    """``M`` [H, R', C·rows]: ``M[h, i, (j, l)]`` weighs rank j's local piece l's state in what
+    this rank's local piece ``rows[i]`` receives (all local pieces when ``rows`` is None; local
+    piece ``l = b·m + s`` is slot s of global row b, so M is zero across rows). Forward
+    (``transpose=False``): the incoming state of the receiver from every sender's last-segment
+    state; backward: the gradient of the receiver's last-segment state from every sender's
+    ``dKV_in``. The weight is ``λ^((u-1-w)·Tl + extra)`` (u the receiving, w the sending virtual
+    piece — in the backward u is the sender's) where the chain of u includes w
+    (:meth:`CPPlan.chain_mask`), else 0. The plan caches the exponents and the mask (every
+    layer has its own slopes), so a call costs three small ops."""
+    rows = tuple(range(plan.rows)) if rows is None else tuple(rows)
+    key = ("chain", transpose, rows, extra, str(device), dtype)
     if key not in plan._cache:
         mask = plan.chain_mask()  # [u, w, b]
-        C, m, r = plan.cp, plan.per_row, plan.rank
-        B = plan.rows // m
-        own = owned_pieces(C, r, plan.balance, plan.rounds)
-        sel = np.zeros((C, m, B, m), dtype=bool)
-        expo = np.zeros((C, m, B, m), dtype=np.float64)
-        for j in range(C):
-            for s_j, vj in enumerate(owned_pieces(C, j, plan.balance, plan.rounds)):
-                for s_r, vr in enumerate(own):
+        C, m = plan.cp, plan.per_row
+        virt = [owned_pieces(C, j, plan.balance, plan.rounds) for j in range(C)]
+        expo = np.zeros((len(rows), C, plan.rows), dtype=np.float64)
+        sel = np.zeros((len(rows), C, plan.rows), dtype=bool)
+        for i, lo in enumerate(rows):
+            b, t = divmod(lo, m)
+            for j in range(C):
+                for s_j, vj in enumerate(virt[j]):
+                    vr = virt[plan.rank][t]
                     u, w = (vj, vr) if transpose else (vr, vj)
-                    if w < u:
-                        sel[j, s_j, :, s_r] = mask[u, w]
-                        expo[j, s_j, :, s_r] = (u - 1 - w) * plan.Tl
-        expo = np.where(sel, expo, 0.0)
-        plan._cache[key] = (torch.tensor(expo, dtype=dtype, device=device)[..., None],
-                            torch.tensor(sel, device=device, dtype=dtype)[..., None])
-    expo, sel = plan._cache[key]
-    return torch.exp(-slopes.to(device=device, dtype=dtype) * expo) * sel
+                    if w < u and mask[u, w, b]:
+                        sel[i, j, b * m + s_j] = True
+                        expo[i, j, b * m + s_j] = (u - 1 - w) * plan.Tl + extra
+        plan._cache[key] = (torch.tensor(-expo.reshape(1, len(rows), -1), dtype=dtype,
+                                         device=device),
+                            torch.tensor(sel.reshape(1, len(rows), -1), dtype=dtype,
+                                         device=device))
+    neg_expo, sel = plan._cache[key]
+    return torch.exp(slopes.to(device=device, dtype=dtype)[:, None, None] * neg_expo) * sel
 
 
-def combine_states(plan: CPPlan, states_all: torch.Tensor, slopes, transpose: bool):
-    """The states every local piece receives from the all-gathered ``states_all``
-    [C, rows, H, K, V] (every rank's per-local-piece states, local pieces in row order):
-    forward (``transpose=False``) ``KV_in`` of each local piece from every rank's last-segment
-    states ``KV_j``; backward the gradient ``dKV`` of each local last-segment state from every
-    rank's ``dKV_in``. -> [rows, H, K, V] in ``states_all``'s dtype. Under zigzag a piece's
-    chain mixes both slots of every rank (:func:`_chain_coef`)."""
-    coef = _chain_coef(plan, slopes, states_all.dtype, states_all.device, transpose)
-    C, m = plan.cp, plan.per_row
-    st = states_all.reshape(C, plan.rows // m, m, *states_all.shape[2:])  # [C, B, m, H, K, V]
-    # sender/receiver slot s -> slot t of the same global row b, summed over ranks j
-    out = torch.einsum("jsbth,jbshkv->bthkv", coef, st)
-    return out.reshape(plan.rows, *states_all.shape[2:])
+def combine_states(plan: CPPlan, states_all: torch.Tensor, slopes, transpose: bool, rows=None,
+                   extra: int = 0):
+    """The states local pieces receive from the all-gathered ``states_all`` [C, rows, H, K, V]
+    (every rank's per-local-piece states, local pieces in row order): forward
+    (``transpose=False``) ``KV_in`` of each local piece from every rank's last-segment states
+    ``KV_j``; backward the gradient ``dKV`` of each local last-segment state from every rank's
+    ``dKV_in``; ``rows``: only these local pieces; ``extra``: λ^extra more (see
+    :func:`_chain_matrix`). -> [R', H, K, V] in ``states_all``'s dtype (a strided view). Under
+    zigzag a piece's chain mixes both slots of every rank. One batched GEMM over the heads,
+    reading the gathered states in place."""
+    C, n, H, K, V = states_all.shape
+    M = _chain_matrix(plan, slopes, states_all.dtype, states_all.device, transpose, rows, extra)
+    src = states_all.contiguous().permute(2, 0, 1, 3, 4).flatten(3).flatten(1, 2)  # [H, C·n, KV]
+    return torch.bmm(M, src).transpose(0, 1).unflatten(2, (K, V))
 
 
 _CHUNK = 32768  # rows per state GEMM (bounds the temporaries)

@@ -33,7 +33,7 @@ def fusable(local, q) -> bool:
 
 
 def _seg_weights(P, segs, s, reverse: bool, extra: int = 0):
-    """``W`` [R, I, H]: ``Σ_i W[r, i, h] s_loc[i, h]`` is the state of kernel sequence
+    """``W`` [H, R, I]: ``Σ_i W[h, r, i] s_loc[i, h]`` is the state of kernel sequence
     ``segs[r]`` of plan ``P`` from a zero start (``None``: a zero row), from its items' local
     states — decayed to the sequence's end, or to its start when ``reverse``; ``extra`` more
     steps of decay. The distances and the mask are built once per (plan, segments) and kept on
@@ -42,25 +42,29 @@ def _seg_weights(P, segs, s, reverse: bool, extra: int = 0):
     key = ("lasp_w", tuple(segs), reverse, extra)
     e = P.cache.get(key)
     if e is None:
-        gap = torch.zeros(len(segs), P.n_items, dtype=torch.float32)
-        mask = torch.zeros(len(segs), P.n_items, dtype=torch.float32)
+        gap = torch.zeros(1, len(segs), P.n_items, dtype=torch.float32)
+        mask = torch.zeros(1, len(segs), P.n_items, dtype=torch.float32)
         for r, n in enumerate(segs):
             if n is None:
                 continue
             a, b = P.host_seq_items[n], P.host_seq_items[n + 1]
             for i in range(a, b):
-                gap[r, i] = extra + (P.host_bos[i] - P.host_bos[a] if reverse
-                                      else P.host_eos[b - 1] - P.host_eos[i])
-                mask[r, i] = 1.0
-        e = P.cache[key] = (gap.to(s.device)[..., None], mask.to(s.device)[..., None])
-    gap, mask = e
-    return torch.exp(-gap * s) * mask
+                gap[0, r, i] = extra + (P.host_bos[i] - P.host_bos[a] if reverse
+                                        else P.host_eos[b - 1] - P.host_eos[i])
+                mask[0, r, i] = 1.0
+        e = P.cache[key] = ((-gap).to(s.device), mask.to(s.device))
+    neg_gap, mask = e
+    return torch.exp(s[:, None, None] * neg_gap) * mask
 
 
 def _seg_states(s_loc, P, segs, s, reverse: bool, extra: int = 0):
-    """[R, H, K, V]: the states of :func:`_seg_weights` from the items' local states ``s_loc``
-    [I, H, K, V] (one batched GEMM over the heads)."""
-    return torch.einsum("rih,ihkv->rhkv", _seg_weights(P, segs, s, reverse, extra), s_loc)
+    """[R, H, K, V] (a strided view): the states of :func:`_seg_weights` from the items' local
+    states ``s_loc`` [I, H, K, V] — one batched GEMM over the heads, reading ``s_loc`` in
+    place."""
+    I, H, K, V = s_loc.shape
+    src = s_loc.permute(1, 0, 2, 3).flatten(2)  # [H, I, K·V], a view
+    return torch.bmm(_seg_weights(P, segs, s, reverse, extra), src).transpose(0, 1).unflatten(
+        2, (K, V))
 
 
 def _index(plan, dev, name, values):
@@ -101,13 +105,14 @@ class LaspPlusFused(torch.autograd.Function):
 
         def hook(s_loc, P):
             kv = _seg_states(s_loc, P, plan.last_seg, s, False)
-            kv_in = combine_states(plan, cpx.all_gather(kv), s, transpose=False)
+            gathered = cpx.all_gather(kv)
             init = s_loc.new_zeros(P.n_seq, H, K, V)
             if rows:  # KV_in enters the chain of each corrected piece's first segment
+                kv_in = combine_states(plan, gathered, s, transpose=False,
+                                       rows=[b for b, _, _ in rows])
                 init.index_copy_(0, _index(plan, dev, "first_seg", [plan.first_seg[b]
                                                                      for b, _, _ in rows]),
-                                 kv_in.index_select(0, _index(plan, dev, "rows",
-                                                              [b for b, _, _ in rows])))
+                                 kv_in)
             held["init"] = init
             return init
 
@@ -152,10 +157,9 @@ class LaspPlusFused(torch.autograd.Function):
 
         def hook(s_loc, P):  # s_loc: reverse local states of (q, dO)
             din = _seg_states(s_loc, P, first, s, True, extra=1)  # λ · (first segment's state)
-            dkv = combine_states(plan, cpx.all_gather(din), s, transpose=True)
+            dkv = combine_states(plan, cpx.all_gather(din), s, transpose=True, extra=-1)  # ÷ λ
             Y = s_loc.new_zeros(P.n_seq, H, K, V)
-            Y.index_copy_(0, _index(plan, dev, "last_seg", plan.last_seg),
-                          dkv * torch.exp(s)[:, None, None])  # ÷ λ
+            Y.index_copy_(0, _index(plan, dev, "last_seg", plan.last_seg), dkv)
             held["Y"] = Y
             return Y
 
