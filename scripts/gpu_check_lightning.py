@@ -111,14 +111,14 @@ def main():
     T = 32768 if args.quick else 131072
     rows = []
     # H = 64, 128K packed: 4 unequal sequences (not multiples of 64), initial + final states
-    cu64 = [0, 1000, 50001, T - 777, T]
+    cu64 = [0, 1000, T * 50001 // 131072, T - 777, T]  # 50001 at 128K
     rows += case("H64_packed_bf16", 1, T, 64, 128, bf, cu64, 0, True, [None, 8192], 2e-2,
                  head_group=8)
     # H = 8, 128K batched, no initial state, nearly no decay (last layer): long memory
     rows += case("H8_batched_bf16_lastlayer", 1, T, 8, 128, bf, None, 79, False, [None, 0], 2e-2,
                  seed=1, head_group=4)
     # H = 8, 128K packed with states, first layer slopes (fast decay)
-    cu8 = [0, 3, 4099, 70000, T]
+    cu8 = [0, 3, 4099, T * 70000 // 131072, T]  # 70000 at 128K
     rows += case("H8_packed_bf16", 1, T, 8, 128, bf, cu8, 0, True, [None, 4096], 2e-2, seed=2,
                  head_group=4)
     # fp32 inputs, against the fp64 recurrence (short), d = 64 and 96
