@@ -324,6 +324,11 @@ class Plan:
 
 _PLAN_CACHE: dict = {}
 CHAIN_FUSE_MAX = int(os.environ.get("MMTRAIN_LA_CHAIN_FUSE", "8"))  # items a sequence; 0: never
+#: ... and only in calls of at most this many token-heads (T·H). The fused chain costs the out
+#: pass registers (on an H200: 255 and two spills, against none), 13-15% of its time at H = 16
+#: and 64 with 4 items a sequence; below this size a call is host-bound, and the launch it saves
+#: counts for more (docs/benchmarks.md).
+CHAIN_FUSE_WORK = int(os.environ.get("MMTRAIN_LA_CHAIN_FUSE_WORK", str(1 << 20)))
 
 
 def get_plan(bounds, seg_len, device, two_pass: bool = False) -> Plan:
@@ -471,7 +476,7 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
         if keep_items_in and s0 is None:
             s0 = torch.zeros_like(s_loc)
         return done(final, s0)
-    if plan.fuse_chain:
+    if plan.fuse_chain and T * H <= CHAIN_FUSE_WORK:
         s_in = torch.empty_like(s_loc) if keep_items_in else None
         out_pass(s0, output_final_state, s_loc=s_loc, keep=s_in)
         return done(final, s_in)

@@ -120,7 +120,8 @@ def test_final_state_only_gradient(interp):
 def test_chain_fused_into_out_pass(interp, monkeypatch):
     """Sequence-split with a few items a sequence: the out pass chains its own incoming states
     (one launch less) and gives the separate chain kernel's outputs and gradients exactly (the
-    same recursion); final states and dS0 agree to rounding."""
+    same recursion); final states and dS0 agree to rounding. Above ``CHAIN_FUSE_WORK``
+    token-heads the same plan launches the chain kernel and gives its results exactly."""
     from mmtrain.kernels.lightning import triton_scan as ts
 
     H, K, V = 2, 16, 16
@@ -135,6 +136,18 @@ def test_chain_fused_into_out_pass(interp, monkeypatch):
                           w_o, w_f)
         bounds = [(a, b) for a, b in zip(CU, CU[1:])]
         assert ts.get_plan(bounds, 32, torch.device("cpu")).fuse_chain == (fuse > 0)
+    ts._PLAN_CACHE.clear()
+    # above CHAIN_FUSE_WORK token-heads a plan that could fuse launches the chain kernel
+    launched = []
+    jit = ts._jit
+    monkeypatch.setattr(ts, "_jit", lambda fn, *a: launched.append(fn.__name__) or jit(fn, *a))
+    monkeypatch.setattr(ts, "CHAIN_FUSE_WORK", CU[-1] * H - 1)
+    runs["big"] = _run(lambda *a: lightning_attn(*a, seg_len=32), q, k, v, slopes, cu, s0, w_o,
+                       w_f)
+    assert "_scan_chain" in launched
+    for a, b in zip((runs["big"][0], runs["big"][1], *runs["big"][2]),
+                    (runs[0][0], runs[0][1], *runs[0][2])):
+        assert torch.equal(a, b)
     ts._PLAN_CACHE.clear()
     (o0, f0, g0), (o1, f1, g1) = runs[0], runs[8]
     assert torch.equal(o0, o1)
