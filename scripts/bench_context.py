@@ -6,6 +6,7 @@ LASP, Varlen Ring Attention. Checks correctness on the device before timing anyt
     torchrun --nproc-per-node 2 scripts/bench_context.py --cpu-smoke --out /tmp/smoke.json  # CPU, gloo
     torchrun --nproc-per-node 2 scripts/bench_context.py --balance contiguous --skip softmax_op
     torchrun --nproc-per-node 2 scripts/bench_context.py --softmax-impl flex --skip lightning
+    python scripts/bench_context.py --emulate-cp 2 --balance zigzag2 --skip softmax_op,ring
 
 ``--softmax-impl`` (default ``flash,flex`` on GPU): the implementations of the document-masked
 softmax op (:class:`mmtrain.model.doc_attention.DocAttention`) that the softmax sections run, each
@@ -36,7 +37,9 @@ iterations after --warmup; every rank times the same thing and the slowest rank 
    document per row (the state chains across ranks). CP=1 is the local Triton op; CP=2 (two
    processes) LASP+ per partition (fused into the kernel's passes, and "unfused": its separate
    state GEMMs, ``MMTRAIN_LASP_FUSED=0``) and LASP (contiguous). ns/token per GPU, per-GPU
-   throughput relative to CP=1 (goal ≥ 0.9),
+   throughput relative to CP=1 (goal ≥ 0.9); with one process and ``--emulate-cp C``, each
+   rank's LASP+ share of CP=C in turn, its all-gather replaced by its own states (no
+   collectives; the slowest rank reported),
    and the communication share: the collectives timed alone (LASP+: the fp32 state all-gathers
    of forward and backward; LASP: the state send/recv chain) over the op's time.
 4. ``ring``: Varlen Ring Attention on 256K tokens of packed documents of 1K–256K (log-uniform),
@@ -172,19 +175,20 @@ def dev_cu(cu):
     return t
 
 
-def local_piece(cu, rows, T, balance):
+def local_piece(cu, rows, T, balance, world=None, rank=None):
     """This rank's CP plan (on the device cu_seqlens) and its token indices, for ``rows`` rows
-    of T tokens (boundaries ``cu`` over the flattened rows) split over WORLD ranks under the
-    partition ``balance``."""
+    of T tokens (boundaries ``cu`` over the flattened rows) split over WORLD ranks (``world``)
+    under the partition ``balance``; ``rank``: another rank's (emulation)."""
+    world, rank = WORLD if world is None else world, RANK if rank is None else rank
     tok = torch.zeros(rows, T, dtype=torch.int64)
     cu_t = torch.tensor(cu, dtype=torch.int32)
     pos = position_ids_from_cu_seqlens(cu_t, rows * T).view(rows, T)
-    local = shard_batch(Batch(tok, tok, tok.float(), cu_t, pos), WORLD, RANK, *partition(balance))
+    local = shard_batch(Batch(tok, tok, tok.float(), cu_t, pos), world, rank, *partition(balance))
     Tl = local.cu_seqlens.cp_plan.Tl
     cu_l = dev_cu(local.cu_seqlens.tolist())
     cu_l.cp_plan = local.cu_seqlens.cp_plan
     idx = torch.cat([torch.arange(b * T + v * Tl, b * T + (v + 1) * Tl) for b in range(rows)
-                     for v in owned_pieces(WORLD, RANK, *partition(balance))])
+                     for v in owned_pieces(world, rank, *partition(balance))])
     return cu_l, idx.to(DEV)
 
 
@@ -192,6 +196,17 @@ def cpx_for(balance):
     b, k = partition(balance)
     return ContextParallel(dist.group.WORLD if WORLD > 1 else None, WORLD, RANK, balance=b,
                            rounds=k)
+
+
+class EmulatedCP(ContextParallel):
+    """One process doing rank ``rank``'s share of a CP group of ``cp`` (``--emulate-cp``): the
+    all-gather returns this process's states ``cp`` times, so the LASP+ op runs every kernel and
+    small op of that rank on tensors of the true sizes, without the collectives (whose share the
+    two-process runs measure). Its outputs are not the CP op's: timing only."""
+
+    def all_gather(self, x):
+        x = x.contiguous()
+        return torch.stack([x] * self.cp)
 
 
 def modes_for(balance):
@@ -367,6 +382,24 @@ def bench_lightning(sizes, a, balances):
                     row[f"{m}_{balance}_comm_ms"] = row[f"laspplus_{balance}_comm_ms"]
                     row[f"{m}_{balance}_comm_share"] = (row[f"laspplus_{balance}_comm_ms"]
                                                         / row[f"{m}_{balance}_ms"])
+            for balance in balances if WORLD == 1 and a.emulate_cp > 1 else ():
+                C = a.emulate_cp
+                for mode in ("laspplus", "laspplus-unfused"):
+                    key = f"{mode}_{balance}"
+                    per_rank = []
+                    for r in range(C):  # each rank's share in turn; the slowest sets the pace
+                        cu_l, _ = local_piece([0, Tg * C], 1, Tg * C, balance, C, r)
+                        b, k_ = partition(balance)
+                        op, lasp_fused.FUSED = lightning_op(mode, EmulatedCP(None, C, r,
+                                                                             balance=b,
+                                                                             rounds=k_))
+                        per_rank.append(timeit(run(op, cu_l), a.warmup, a.iters) * 1e3)
+                        lasp_fused.FUSED = True
+                    row[f"{key}_ms_per_rank"] = per_rank
+                    row[f"{key}_ms"] = max(per_rank)
+                    row[f"{key}_vs_cp1"] = row["cp1_ms"] / row[f"{key}_ms"]
+                    row[f"{key}_ns_per_token"] = row[f"{key}_ms"] * 1e6 / Tg
+                    row[f"{key}_comm_share"] = 0.0  # no collectives run
             if WORLD > 1 and "contiguous" in balances:
                 st = torch.zeros(1, H, K_DIM, K_DIM, dtype=torch.float32, device=DEV)
 
@@ -473,8 +506,12 @@ def table(res):
             lines.append(f"{r['T']:>8} {r['docs']:>5} " + "".join(
                 f"{r[f'doc_{i}_ms']:>12.3f} {r[f'speedup_{i}']:>9.2f} " for i in impls)
                 + f"{r['per_doc_sdpa_ms']:>13.3f}")
-    lines += ["", f"lightning fwd+bwd, one document per row, CP={WORLD} (ns/token per GPU; "
-              f"vs CP=1 = per-GPU throughput relative to one GPU; comm = collectives alone / op)",
+    emul = res.get("emulate_cp")
+    lines += ["", f"lightning fwd+bwd, one document per row, CP={emul or WORLD}"
+              + (f" emulated on one GPU (each rank's share in turn, the slowest shown; no "
+                 f"collectives, comm 0)" if emul else "")
+              + " (ns/token per GPU; vs CP=1 = per-GPU throughput relative to one GPU; comm = "
+              "collectives alone / op)",
               f"{'H':>3} {'T/GPU':>8} {'CP=1 ns/tok':>12} " + "".join(
                   f"{name + ' ns/tok':>{len(name) + 8}} {'vs CP=1':>8} {'comm':>6} "
                   for _, name in res["lightning_columns"])]
@@ -512,6 +549,10 @@ def main():
     ap.add_argument("--softmax-impl", default=None,
                     help="comma list of softmax impls for the softmax sections: flash, flex "
                     "(default flash,flex; flash under --cpu-smoke)")
+    ap.add_argument("--emulate-cp", type=int, default=1,
+                    help="with one process: also time each rank's LASP+ share of a CP group of "
+                    "this size, the all-gather replaced by this process's own states (the "
+                    "kernels and small ops at their true sizes, no collectives)")
     ap.add_argument("--balance", default="zigzag,zigzag2,contiguous",
                     help="comma list of CP partitions to measure (parallel.cp_balance): zigzag, "
                     "zigzagR (R rounds), contiguous")
@@ -523,6 +564,9 @@ def main():
         raise SystemExit(f"--balance: {a.balance!r}; give a comma list of zigzag, zigzagR "
                          f"(R rounds, e.g. zigzag2) and contiguous") from None
     RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if a.emulate_cp > 1 and WORLD > 1:
+        raise SystemExit("--emulate-cp runs one process's share of a CP group; start one "
+                         "process (the two-process run measures CP=2 itself)")
     if a.cpu_smoke:
         DEV = torch.device("cpu")
         backend = "gloo"
@@ -551,10 +595,14 @@ def main():
            "backend": backend, "warmup": a.warmup, "iters": a.iters, "balances": balances,
            "softmax_impls": impls}
     names = {"laspplus": "LASP+", "laspplus-unfused": "LASP+ unfused", "lasp": "LASP"}
+    emul = WORLD == 1 and a.emulate_cp > 1
+    res["emulate_cp"] = a.emulate_cp if emul else None
     res["lightning_columns"] = ([(f"{m}_{b}", names[m]
-                                  + (" contig" if b == "contiguous" else f" zig{b[6:]}"))
-                                 for b in balances for m in modes_for(b)]
-                                if WORLD > 1 else [])
+                                  + (" contig" if b == "contiguous" else f" zig{b[6:]}")
+                                  + (" emul" if emul else ""))
+                                 for b in balances for m in modes_for(b)
+                                 if WORLD > 1 or m != "lasp"]
+                                if WORLD > 1 or emul else [])
     try:
         import triton
         res["triton"] = triton.__version__

@@ -45,3 +45,30 @@ def test_bench_context_cpu_smoke_two_processes(tmp_path):
     assert sum(zig) == sum(cont) == sum(rings["zigzag2"]["pairs_per_rank"]) > 0
     assert max(zig) / min(zig) < max(cont) / min(cont), (zig, cont)
     assert "varlen ring attention" in p.stdout and "zigzag partition" in p.stdout  # the table
+
+
+def test_bench_context_emulated_cp_one_process(tmp_path):
+    """``--emulate-cp 2`` with one process: each rank's LASP+ share is timed in turn (both ranks
+    reported, the slowest kept), fused and unfused, and the table says it is an emulation; two
+    processes are refused."""
+    out = tmp_path / "emul.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_context.py"), "--cpu-smoke",
+           "--emulate-cp", "2", "--balance", "zigzag2", "--skip", "softmax_op,ring",
+           "--warmup", "1", "--iters", "1", "--out", str(out)]
+    p = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["world"] == 1 and res["emulate_cp"] == 2
+    assert dict(map(tuple, res["lightning_columns"])) == {
+        "laspplus_zigzag2": "LASP+ zig2 emul", "laspplus-unfused_zigzag2": "LASP+ unfused zig2 emul"}
+    row = res["lightning"][0]
+    for key in ("laspplus_zigzag2", "laspplus-unfused_zigzag2"):
+        ranks = row[f"{key}_ms_per_rank"]
+        assert len(ranks) == 2 and min(ranks) > 0 and row[f"{key}_ms"] == max(ranks)
+        assert row[f"{key}_vs_cp1"] == row["cp1_ms"] / row[f"{key}_ms"]
+    assert "CP=2 emulated on one GPU" in p.stdout
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(free_port()), str(REPO / "scripts" / "bench_context.py"),
+           "--cpu-smoke", "--emulate-cp", "2", "--skip", "softmax_op,ring"]
+    p = subprocess.run(two, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "--emulate-cp runs one process's share" in p.stdout + p.stderr
