@@ -325,10 +325,10 @@ class Plan:
 _PLAN_CACHE: dict = {}
 CHAIN_FUSE_MAX = int(os.environ.get("MMTRAIN_LA_CHAIN_FUSE", "8"))  # items a sequence; 0: never
 #: ... and only in calls of at most this many token-heads (T·H). The fused chain costs the out
-#: pass registers (on an H200: 255 and two spills, against none), 9-15% of its time with 4 items
-#: a sequence from 2^20 to 2^23 token-heads (H = 8 to 64); below 2^18 (the short sequences, 16K
-#: at H = 8 is 2^17) a call is host-bound and the launch it saves counts for more
-#: (docs/benchmarks.md).
+#: pass registers (on an H200: 255 and two spills, against none): with 4 items a sequence, from
+#: 2^20 to 2^23 token-heads (H = 8 to 64), the fused out pass took 12-13% longer, the whole scan
+#: 9-11%. Below 2^18 (the short sequences: 16K at H = 8 is 2^17) a call is host-bound and the
+#: launch it saves counts for more (docs/benchmarks.md).
 CHAIN_FUSE_WORK = int(os.environ.get("MMTRAIN_LA_CHAIN_FUSE_WORK", str(1 << 18)))
 
 
