@@ -67,7 +67,7 @@ def _assert_close(got, want, what="loss"):
         assert abs(x - y) <= RTOL * abs(y), (what, got, want)
 
 
-def _assert_samemetrics_records(run, ref, n=STEPS):
+def _assert_same_records(run, ref, n=STEPS):
     recs = metrics_records(run)
     _assert_close([r["loss"] for r in recs], [r["loss"] for r in ref][:n])
     _assert_close([r["aux_loss"] for r in recs], [r["aux_loss"] for r in ref][:n], "aux")
@@ -105,7 +105,7 @@ def capacity(tmp_path_factory):
 def _run_and_compare(ref, tmp_path, nproc, args):
     run = tmp_path / "run"
     out = _torchrun(nproc, ref["ovr"], args + [f"train.max_steps={STEPS}"], run)
-    _assert_samemetrics_records(run, ref["records"])
+    _assert_same_records(run, ref["records"])
     final = ckpt.latest(run)
     assert final.name == f"step_{STEPS:08d}"
     _assert_same_state(_checkpoint_tensors(final, ref["ovr"]), ref["state5"])
@@ -200,7 +200,7 @@ def test_cli_tp2_dp2_then_reshard_to_dp4_and_one_process(capacity, tmp_path):
     out = _torchrun(4, CAPACITY, ["parallel.tp=2", "parallel.dp=2", "parallel.zero1=true",
                                   f"train.max_steps={STEPS}"], run)
     assert "4 process(es)" in out.stdout
-    _assert_samemetrics_records(run, capacity["records"])
+    _assert_same_records(run, capacity["records"])
     _assert_same_state(_checkpoint_tensors(ckpt.latest(run), CAPACITY), capacity["state5"])
     ref = [r["loss"] for r in capacity["records"]]
     _assert_close(_resume(4, CAPACITY, ["parallel.dp=4", "parallel.zero1=true"], run,
