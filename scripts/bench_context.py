@@ -621,7 +621,8 @@ def main():
                 json.dump(res, f, indent=1)
             print(f"wrote {a.out} ({res['wall_s']:.0f} s)")
     if WORLD > 1:
-        dist.destroy_process_group()
+        barrier()  # rank 0 may still be writing: tear gloo down together (a lone early teardown
+        dist.destroy_process_group()  # aborted a rank at exit now and then)
 
 
 RANK, WORLD, DEV = 0, 1, torch.device("cpu")

@@ -75,6 +75,7 @@ def main():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1)
+    dist.barrier()  # as bench_moe and bench_train: rank 0 may still be writing
     dist.destroy_process_group()
     return 0
 
