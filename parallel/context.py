@@ -341,9 +341,9 @@ def _chain_matrix(plan: CPPlan, slopes, dtype, device, transpose: bool, rows=Non
         sel = np.zeros((len(rows), C, plan.rows), dtype=bool)
         for i, lo in enumerate(rows):
             b, t = divmod(lo, m)
+            vr = virt[plan.rank][t]
             for j in range(C):
                 for s_j, vj in enumerate(virt[j]):
-                    vr = virt[plan.rank][t]
                     u, w = (vj, vr) if transpose else (vr, vj)
                     if w < u and mask[u, w, b]:
                         sel[i, j, b * m + s_j] = True

@@ -67,13 +67,21 @@ def _seg_states(s_loc, P, segs, s, reverse: bool, extra: int = 0):
         2, (K, V))
 
 
-def _index(plan, dev, name, values):
-    """A host index list of the CP plan as a device tensor, built once per plan."""
-    key = ("lasp_idx", name, str(dev))
-    t = plan._cache.get(key)
-    if t is None:
-        t = plan._cache[key] = torch.tensor(values, dtype=torch.long, device=dev)
-    return t
+def _layout(plan, dev):
+    """What the hooks need of the CP plan, built once per plan (every lightning layer of a
+    micro-batch, forward and backward, shares it): the corrected local pieces; the kernel
+    sequence of each one's first segment (device indices); per local piece, its first segment
+    if corrected, else None; the last segments (device indices)."""
+    key = ("lasp_layout", str(dev))
+    e = plan._cache.get(key)
+    if e is None:
+        rows = [b for b, _, _ in _corrected_rows(plan)]
+        corrected = set(rows)
+        first = [plan.first_seg[b] if b in corrected else None for b in range(plan.rows)]
+        e = plan._cache[key] = (
+            rows, torch.tensor([plan.first_seg[b] for b in rows], dtype=torch.long, device=dev),
+            first, torch.tensor(plan.last_seg, dtype=torch.long, device=dev))
+    return e
 
 
 class LaspPlusFused(torch.autograd.Function):
@@ -100,7 +108,7 @@ class LaspPlusFused(torch.autograd.Function):
         s = slopes.detach().to(device=dev, dtype=torch.float32)
         slog2 = _slog2(slopes, dev)
         bounds = _flat_bounds(q, cu)
-        rows = _corrected_rows(plan)
+        rows, first_idx, _, _ = _layout(plan, dev)
         held = {}
 
         def hook(s_loc, P):
@@ -108,11 +116,8 @@ class LaspPlusFused(torch.autograd.Function):
             gathered = cpx.all_gather(kv)
             init = s_loc.new_zeros(P.n_seq, H, K, V)
             if rows:  # KV_in enters the chain of each corrected piece's first segment
-                kv_in = combine_states(plan, gathered, s, transpose=False,
-                                       rows=[b for b, _, _ in rows])
-                init.index_copy_(0, _index(plan, dev, "first_seg", [plan.first_seg[b]
-                                                                     for b, _, _ in rows]),
-                                 kv_in)
+                init.index_copy_(0, first_idx, combine_states(plan, gathered, s, transpose=False,
+                                                              rows=rows))
             held["init"] = init
             return init
 
@@ -151,15 +156,14 @@ class LaspPlusFused(torch.autograd.Function):
             dq, _ = ts.scan_attention(do_, v_, k_, s, P_t, init.transpose(-1, -2),
                                       out_dtype=q_.dtype, cfg=cfg_t, slog2=sl2)
         ctx.items_in = None
-        corrected = {b for b, _, _ in _corrected_rows(plan)}
-        first = [plan.first_seg[b] if b in corrected else None for b in range(plan.rows)]
+        _, _, first, last_idx = _layout(plan, dev)
         held = {}
 
         def hook(s_loc, P):  # s_loc: reverse local states of (q, dO)
             din = _seg_states(s_loc, P, first, s, True, extra=1)  # λ · (first segment's state)
             dkv = combine_states(plan, cpx.all_gather(din), s, transpose=True, extra=-1)  # ÷ λ
             Y = s_loc.new_zeros(P.n_seq, H, K, V)
-            Y.index_copy_(0, _index(plan, dev, "last_seg", plan.last_seg), dkv)
+            Y.index_copy_(0, last_idx, dkv)
             held["Y"] = Y
             return Y
 
