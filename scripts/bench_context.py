@@ -48,7 +48,7 @@ iterations after --warmup; every rank times the same thing and the slowest rank 
    scaling = t(CP=1) / (2·t(CP=2)) (goal ≥ 0.7), with each rank's time and its attended (query,
    key) pairs (the causal load imbalance), per softmax impl and partition.
 
-The table is printed last; --out writes every number as JSON.
+The table (scripts/bench_context_table.py) is printed last; --out writes every number as JSON.
 """
 
 from __future__ import annotations
@@ -68,11 +68,15 @@ import torch.distributed as dist
 
 from mmtrain.data.batch import Batch, position_ids_from_cu_seqlens
 from mmtrain.model.doc_attention import DocAttention, DocSoftmaxOp
+from mmtrain.model.layers import lightning_slopes
 from mmtrain.model.ops import LightningOp, SoftmaxOp
 import mmtrain.parallel.lasp_fused as lasp_fused
 from mmtrain.parallel.context import (CP_BALANCES, ContextLightningOp, ContextParallel, make_plan,
                                      owned_pieces, shard_batch)
 from mmtrain.parallel.ring import ContextSoftmaxOp, causal_work
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_context_table beside it
+from bench_context_table import IMPL_NAMES, table  # noqa: E402
 
 K_DIM = 128
 
@@ -128,9 +132,9 @@ def gather_floats(x: float) -> list:
     return [float(v) for v in out]
 
 
-def slopes_for(H, layer=0, L=80):
-    h = torch.arange(H, dtype=torch.float64)
-    return (2.0 ** (-8.0 * (h + 1) / H) * (1 - layer / (L - 1) + 1e-5)).float()
+def slopes_for(H):
+    """Layer 0 of MiniMax-Text-01's 80 (the model's own formula)."""
+    return lightning_slopes(0, 80, H).float()
 
 
 def packed_lengths(total, lo, hi, seed):
@@ -224,9 +228,6 @@ def lightning_op(mode, cpx):
 def rel(a, b):
     a, b = a.detach().float(), b.detach().float()
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
-
-
-IMPL_NAMES = {"flash": "FlashAttention-2 varlen", "flex": "FlexAttention"}
 
 
 def softmax_args(impl):
@@ -491,50 +492,6 @@ SIZES = {
               "la_H": [2], "la_T": [256], "ring_T": 512, "ring_doc": (16, 512),
               "ring_heads": (2, 1)},
 }
-
-
-def table(res):
-    lines = []
-    impls = res["softmax_impls"]
-    if res["softmax_op"]:
-        lines += ["", "local softmax op, fwd+bwd (H=%d over G=%d KV heads, d=128): DocSoftmaxOp "
-                  "per impl vs SoftmaxOp (speed-up = SoftmaxOp / DocSoftmaxOp)" % (
-                      res["softmax_op"][0]["H"], res["softmax_op"][0]["G"]),
-                  f"{'T':>8} {'docs':>5} " + "".join(f"{i + ' ms':>12} {'speed-up':>9} "
-                                                     for i in impls) + f"{'SoftmaxOp ms':>13}"]
-        for r in res["softmax_op"]:
-            lines.append(f"{r['T']:>8} {r['docs']:>5} " + "".join(
-                f"{r[f'doc_{i}_ms']:>12.3f} {r[f'speedup_{i}']:>9.2f} " for i in impls)
-                + f"{r['per_doc_sdpa_ms']:>13.3f}")
-    emul = res.get("emulate_cp")
-    lines += ["", f"lightning fwd+bwd, one document per row, CP={emul or WORLD}"
-              + (f" emulated on one GPU (each rank's share in turn, the slowest shown; no "
-                 f"collectives, comm 0)" if emul else "")
-              + " (ns/token per GPU; vs CP=1 = per-GPU throughput relative to one GPU; comm = "
-              "collectives alone / op)",
-              f"{'H':>3} {'T/GPU':>8} {'CP=1 ns/tok':>12} " + "".join(
-                  f"{name + ' ns/tok':>{len(name) + 8}} {'vs CP=1':>8} {'comm':>6} "
-                  for _, name in res["lightning_columns"])]
-    for r in res["lightning"]:
-        s = f"{r['H']:>3} {r['T_per_gpu']:>8} {r['cp1_ns_per_token']:>12.3f} "
-        for key, name in res["lightning_columns"]:
-            s += (f"{r[key + '_ns_per_token']:>{len(name) + 8}.3f} {r[key + '_vs_cp1']:>8.3f} "
-                  f"{r[key + '_comm_share']:>6.1%} ")
-        lines.append(s)
-    for r in res["ring"]:
-        lines += ["", f"varlen ring attention fwd+bwd, softmax impl {r['softmax_impl']} "
-                  f"({IMPL_NAMES[r['softmax_impl']]}): {r['T_total']} tokens, {r['docs']} docs "
-                  f"(max {r['max_doc']}), H={r['H']} over G={r['G']}"
-                  + (f", {r['balance']} partition" if r["balance"] else ""),
-                  f"CP=1 (whole batch, one GPU, DocSoftmaxOp {r['softmax_impl']}): "
-                  f"{r['cp1_ms']:.3f} ms"]
-        if WORLD > 1:
-            lines.append(f"CP={WORLD}: {r['cp_ms']:.3f} ms (per rank {', '.join(f'{x:.3f}' for x in r['cp_ms_per_rank'])}); "
-                         f"fraction of ideal scaling {r['ideal_fraction']:.3f}; attended pairs per "
-                         f"rank {r['pairs_per_rank']}; hops {r['ring_hops']}")
-    lines += ["", "checks: " + "; ".join(f"{c['check']}: {c['max_rel_err']:.1e}"
-                                         for c in res["checks"])]
-    return "\n".join(lines)
 
 
 def main():
