@@ -25,11 +25,12 @@ import triton
 from triton.testing import do_bench
 
 from mmtrain.kernels.lightning import lightning_attn
+from mmtrain.model.layers import lightning_slopes
 
 
 def slopes_for(H, layer=0, L=80):
-    h = torch.arange(H, dtype=torch.float64)
-    return (2.0 ** (-8.0 * (h + 1) / H) * (1 - layer / (L - 1) + 1e-5)).float()
+    """The slopes of layer ``layer`` of ``L`` (the model's own formula)."""
+    return lightning_slopes(layer, L, H).float()
 
 
 def copy_bandwidth():

@@ -17,11 +17,12 @@ import time
 import torch
 
 from mmtrain.kernels.lightning import lightning_attn, lightning_attn_block, lightning_attn_recurrent
+from mmtrain.model.layers import lightning_slopes
 
 
 def slopes_for(H, layer, L=80):
-    h = torch.arange(H, dtype=torch.float64)
-    return (2.0 ** (-8.0 * (h + 1) / H) * (1 - layer / (L - 1) + 1e-5)).float()
+    """The slopes of layer ``layer`` of ``L`` (the model's own formula)."""
+    return lightning_slopes(layer, L, H).float()
 
 
 def rel(a, b):
