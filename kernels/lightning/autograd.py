@@ -25,12 +25,26 @@ import torch
 from .reference import lightning_attn_block, sequence_bounds, _check
 from . import triton_scan as ts
 
-__all__ = ["lightning_attn"]
+__all__ = ["lightning_attn", "lightning_attn_qkv"]
 
 
 def _flat_bounds(q, cu_seqlens):
     B, T = q.shape[0], q.shape[1]
     return [(b * T + s, b * T + e) for b, s, e in sequence_bounds(q, cu_seqlens)]
+
+
+def _rows(x, n):
+    """[B, T, H, D] -> [B·T, H, D] for the kernels, a view wherever the strides allow (the
+    kernels take any row and head strides with the last dim contiguous), else a copy."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.reshape(n, x.shape[2], x.shape[3])
+
+
+def split_qkv(qkv_, K):
+    """The q, k, v views of a per-head packed ``[..., H, 3K]`` tensor (``[q_h | k_h | v_h]``
+    for each head): no copy."""
+    return qkv_[..., :K], qkv_[..., K:2 * K], qkv_[..., 2 * K:]
 
 
 def _slog2(slopes, device):
@@ -52,9 +66,15 @@ class _LightningAttnFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, slopes, initial_state, bounds, output_final_state, seg_len):
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        q_, k_, v_ = (x.contiguous().view(B * T, H, x.shape[-1]) for x in (q, k, v))
+        ctx.packed = k is None  # q is then qkv [B, T, H, 3K] (lightning_attn_qkv)
+        if ctx.packed:
+            B, T, H, K = q.shape
+            K = V = K // 3
+            q_, k_, v_ = split_qkv(_rows(q, B * T), K)
+        else:
+            B, T, H, K = q.shape
+            V = v.shape[-1]
+            q_, k_, v_ = (_rows(x, B * T) for x in (q, k, v))
         cfg = ts._cfg(K, V, q.dtype, q.device)
         seg = ts.choose_seg_len(bounds, H, -(-V // int(cfg["BV"])), q.device, seg_len)
         plan = ts.get_plan(bounds, seg, q.device)
@@ -75,7 +95,11 @@ class _LightningAttnFn(torch.autograd.Function):
         q_, k_, v_, slopes, s0 = ctx.saved_tensors
         B, T, H, K, V = ctx.shape
         dev = q_.device
-        do_ = do.contiguous().view(B * T, H, V)
+        do_ = _rows(do, B * T)
+        # packed: the three products are written into one [B·T, H, 3K] gradient (no cat)
+        dqkv = (torch.empty((B * T, H, 3 * K), dtype=q_.dtype, device=dev) if ctx.packed
+                else None)
+        dq_o, dk_o, dv_o = split_qkv(dqkv, K) if ctx.packed else (None, None, None)
         s = slopes.detach().to(device=dev, dtype=torch.float32)
         Y = None
         if dfinal is not None:
@@ -92,11 +116,11 @@ class _LightningAttnFn(torch.autograd.Function):
         if ctx.items_in is not None and plan_t is ctx.plan:  # the forward's states, transposed
             dq, _ = ts.scan_attention(do_, v_, k_, slopes, plan_t, out_dtype=q_.dtype,
                                       items_in=ctx.items_in.transpose(-1, -2), cfg=cfg_t,
-                                      slog2=sl2)
+                                      slog2=sl2, out=dq_o)
         else:
             dq, _ = ts.scan_attention(do_, v_, k_, slopes, plan_t,
                                       s0.transpose(-1, -2) if s0 is not None else None,
-                                      out_dtype=q_.dtype, cfg=cfg_t, slog2=sl2)
+                                      out_dtype=q_.dtype, cfg=cfg_t, slog2=sl2, out=dq_o)
         ctx.items_in = None
         # dv (and dS0): reverse scan with (k, q, do), state R (K x V): the forward's config/plan
         plan_v = ctx.plan
@@ -104,19 +128,22 @@ class _LightningAttnFn(torch.autograd.Function):
         dv, fin, items_v = ts.scan_attention(k_, q_, do_, slopes, plan_v, Y,
                                              output_final_state=need_ds0, reverse=True,
                                              out_dtype=v_.dtype, keep_items_in=True,
-                                             cfg=ctx.cfg, slog2=sl2)
+                                             cfg=ctx.cfg, slog2=sl2, out=dv_o)
         # dk: reverse scan with (v, do, q), state R^T (V x K)
         if items_v is not None and plan_t is plan_v:  # the dv scan's states, transposed
             dk, _ = ts.scan_attention(v_, do_, q_, slopes, plan_t, reverse=True,
                                       out_dtype=k_.dtype, items_in=items_v.transpose(-1, -2),
-                                      cfg=cfg_t, slog2=sl2)
+                                      cfg=cfg_t, slog2=sl2, out=dk_o)
         else:
             dk, _ = ts.scan_attention(v_, do_, q_, slopes, plan_t,
                                       Y.transpose(-1, -2) if Y is not None else None,
-                                      reverse=True, out_dtype=k_.dtype, cfg=cfg_t, slog2=sl2)
+                                      reverse=True, out_dtype=k_.dtype, cfg=cfg_t, slog2=sl2,
+                                      out=dk_o)
         ds0 = None
         if need_ds0:
             ds0 = (fin * torch.exp(-s)[None, :, None, None]).to(ctx.init_dtype)
+        if ctx.packed:
+            return (dqkv.view(B, T, H, 3 * K), None, None, None, ds0, None, None, None)
         return (dq.view(B, T, H, K), dk.view(B, T, H, K), dv.view(B, T, H, V), None, ds0,
                 None, None, None)
 
@@ -136,4 +163,26 @@ def lightning_attn(q, k, v, slopes, cu_seqlens=None, initial_state=None,
         raise TypeError("the Triton lightning kernel takes bf16, fp16 or fp32 inputs")
     fb = _flat_bounds(q, cu_seqlens)
     return _LightningAttnFn.apply(q, k, v, slopes, initial_state, fb, bool(output_final_state),
+                                  seg_len)
+
+
+def lightning_attn_qkv(qkv, slopes, cu_seqlens=None, initial_state=None,
+                       output_final_state=False, *, seg_len: int | None = None):
+    """:func:`lightning_attn` of a per-head packed ``qkv`` [B, T, H, 3K] (``[q_h | k_h | v_h]``
+    for each head, the layout of the model's qkv projection): the kernels read q, k and v in
+    place and the backward writes their gradients into one [B, T, H, 3K] tensor, so neither the
+    copies of three strided views nor the concatenation of their gradients runs."""
+    if qkv.shape[-1] % 3:
+        raise ValueError(f"lightning_attn_qkv: the last dim holds [q_h | k_h | v_h], so it must "
+                         f"divide by 3; got qkv of shape {list(qkv.shape)}")
+    use_triton = qkv.is_cuda or (ts.HAVE_TRITON and ts.interpreting())
+    if not use_triton:
+        return lightning_attn(*split_qkv(qkv, qkv.shape[-1] // 3), slopes, cu_seqlens,
+                              initial_state, output_final_state)
+    bounds = sequence_bounds(qkv, cu_seqlens)
+    _check(*split_qkv(qkv, qkv.shape[-1] // 3), slopes, initial_state, len(bounds))
+    if qkv.dtype == torch.float64:
+        raise TypeError("the Triton lightning kernel takes bf16, fp16 or fp32 inputs")
+    return _LightningAttnFn.apply(qkv, None, None, slopes, initial_state,
+                                  _flat_bounds(qkv, cu_seqlens), bool(output_final_state),
                                   seg_len)

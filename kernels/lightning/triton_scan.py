@@ -61,7 +61,9 @@ def interpreting() -> bool:
 # kernels (plain functions; see _jit)
 # --------------------------------------------------------------------------------------------
 
-def _scan_out(q, k, v, o, slog2, item_bos, item_eos,
+def _scan_out(q, k, v, o, q_st: tl.constexpr, q_sh: tl.constexpr, k_st: tl.constexpr,
+              k_sh: tl.constexpr, v_st: tl.constexpr, v_sh: tl.constexpr, o_st: tl.constexpr,
+              o_sh: tl.constexpr, slog2, item_bos, item_eos,
               s_in, s_in_si, s_in_sh, s_in_sk, s_in_sv, s_out,
               s_loc, item_seq, seq_items, s_keep,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -133,9 +135,9 @@ def _scan_out(q, k, v, o, slog2, item_bos, item_eos,
         m = tl.minimum(L - ci * BT, BT)
         mr = ot < m
         rows = bos + ci * BT + ot
-        p_q = q + (rows[:, None] * H + i_h) * K + ok[None, :]
-        p_k = k + (rows[:, None] * H + i_h) * K + ok[None, :]
-        p_v = v + (rows[:, None] * H + i_h) * V + ov[None, :]
+        p_q = q + rows[:, None] * q_st + i_h * q_sh + ok[None, :]
+        p_k = k + rows[:, None] * k_st + i_h * k_sh + ok[None, :]
+        p_v = v + rows[:, None] * v_st + i_h * v_sh + ov[None, :]
         b_q = tl.load(p_q, mask=mr[:, None] & mk[None, :], other=0.)
         b_k = tl.load(p_k, mask=mr[:, None] & mk[None, :], other=0.)
         b_v = tl.load(p_v, mask=mr[:, None] & mv[None, :], other=0.)
@@ -154,7 +156,7 @@ def _scan_out(q, k, v, o, slog2, item_bos, item_eos,
         b_a = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * Dm
         b_o = tl.dot(b_q, S.to(b_q.dtype), input_precision=DOT_PREC) * qd[:, None]
         b_o += tl.dot(b_a.to(b_v.dtype), b_v, input_precision=DOT_PREC)
-        p_o = o + (rows[:, None] * H + i_h) * V + ov[None, :]
+        p_o = o + rows[:, None] * o_st + i_h * o_sh + ov[None, :]
         tl.store(p_o, b_o.to(o.dtype.element_ty), mask=mr[:, None] & mv[None, :])
         S = S * cd + tl.dot(tl.trans(b_k), (b_v * kd[:, None]).to(b_k.dtype),
                             input_precision=DOT_PREC)
@@ -167,7 +169,8 @@ def _scan_out(q, k, v, o, slog2, item_bos, item_eos,
             tl.store(p_f, S, mask=mkv)
 
 
-def _scan_state(k, v, slog2, item_bos, item_eos, s_loc,
+def _scan_state(k, v, k_st: tl.constexpr, k_sh: tl.constexpr, v_st: tl.constexpr,
+                v_sh: tl.constexpr, slog2, item_bos, item_eos, s_loc,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
                 REVERSE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -197,9 +200,9 @@ def _scan_state(k, v, slog2, item_bos, item_eos, s_loc,
         m = tl.minimum(L - ci * BT, BT)
         mr = ot < m
         rows = bos + ci * BT + ot
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + ok[None, :],
+        b_k = tl.load(k + rows[:, None] * k_st + i_h * k_sh + ok[None, :],
                       mask=mr[:, None] & mk[None, :], other=0.)
-        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + ov[None, :],
+        b_v = tl.load(v + rows[:, None] * v_st + i_h * v_sh + ov[None, :],
                       mask=mr[:, None] & mv[None, :], other=0.)
         if UPCAST:
             b_k = b_k.to(tl.float32)
@@ -382,6 +385,20 @@ def choose_seg_len(bounds, H, NV, device, seg_len=None):
 # launch
 # --------------------------------------------------------------------------------------------
 
+def _rows_heads(*xs):
+    """(row stride, head stride) of each [T, H, D] tensor, flattened; its last dim must be
+    contiguous. The kernels take them as compile-time constants (one compile per layout: the
+    contiguous [T, H, D] and the packed per-head [T, H, 3K]): as runtime arguments the op ran
+    25-35% slower on an H200 (docs/benchmarks.md)."""
+    out = []
+    for x in xs:
+        if x.dim() != 3 or x.stride(-1) != 1:
+            raise ValueError(f"lightning scan: a [T, H, D] tensor with its last dim contiguous is "
+                             f"needed, got shape {list(x.shape)} strides {x.stride()}")
+        out += [x.stride(0), x.stride(1)]
+    return out
+
+
 def _cfg(K, V, dtype, device):
     interp = interpreting()
     BK = max(16, triton.next_power_of_2(K))
@@ -396,8 +413,11 @@ def _cfg(K, V, dtype, device):
 
 def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final_state=False,
                    reverse=False, out_dtype=None, block_t: int | None = None, state_hook=None,
-                   items_in=None, keep_items_in: bool = False, cfg=None, slog2=None):
-    """o = scan attention (see module doc). q, k: [T, H, K] contiguous; v: [T, H, V] contiguous.
+                   items_in=None, keep_items_in: bool = False, cfg=None, slog2=None, out=None):
+    """o = scan attention (see module doc). q, k: [T, H, K]; v: [T, H, V]: any row and head
+    strides, the last dim contiguous (views into a packed per-head ``[T, H, 3K]`` qkv run as
+    they are, no copy). ``out`` [T, H, V] (the same rule): where to write o (else a new
+    contiguous tensor of ``out_dtype``).
 
     initial_state: [N, H, K, V] (any strides, any float dtype) or None.
     ``state_hook(s_loc, plan) -> initial_state`` (two-pass plans only): called between the state
@@ -423,7 +443,11 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
     NV = triton.cdiv(V, BV)
     if slog2 is None:
         slog2 = (slopes.detach().to(device=dev, dtype=torch.float32) * LOG2E).contiguous()
-    o = torch.empty((T, H, V), dtype=out_dtype or q.dtype, device=dev)
+    if out is not None and (tuple(out.shape) != (T, H, V) or out.stride(-1) != 1):
+        raise ValueError(f"scan_attention: out must be [T, H, V] = {[T, H, V]} with its last dim "
+                         f"contiguous, got {list(out.shape)} strides {out.stride()}")
+    o = out if out is not None else torch.empty((T, H, V), dtype=out_dtype or q.dtype, device=dev)
+    strides = _rows_heads(q, k, v, o)
     N, I = plan.n_seq, plan.n_items
     final = (torch.empty((N, H, K, V), dtype=torch.float32, device=dev)
              if output_final_state else None)
@@ -443,7 +467,7 @@ def scan_attention(q, k, v, slopes, plan: Plan, initial_state=None, output_final
         st = s_init.stride() if s_init is not None else (0, 0, 0, 0)
         chain = s_loc is not None
         _jit(_scan_out, interp)[(NV, I, H)](
-            q, k, v, o, slog2, plan.item_bos, plan.item_eos,
+            q, k, v, o, *strides, slog2, plan.item_bos, plan.item_eos,
             s_init if s_init is not None else dummy, *st, final if store_final else dummy,
             s_loc if chain else dummy, plan.item_seq if chain else plan.item_bos,
             plan.seq_items, keep if keep is not None else dummy,
@@ -506,7 +530,7 @@ def local_states(k, v, slog2, plan: Plan, reverse: bool = False, cfg=None):
     SNK, SNV = triton.cdiv(K, SBK), triton.cdiv(V, SBV)
     s_loc = torch.empty((plan.n_items, H, K, V), dtype=torch.float32, device=k.device)
     _jit(_scan_state, cfg["UPCAST"])[(SNK * SNV, plan.n_items, H)](
-        k, v, slog2, plan.item_bos, plan.item_eos, s_loc,
+        k, v, *_rows_heads(k, v), slog2, plan.item_bos, plan.item_eos, s_loc,
         H=H, K=K, V=V, BT=cfg["BT"], BK=SBK, BV=SBV, NV=SNV, REVERSE=reverse,
         UPCAST=cfg["UPCAST"], DOT_PREC=cfg["DOT_PREC"],
         num_warps=8 if SBK * SBV >= 128 * 128 else cfg["num_warps"],

@@ -13,7 +13,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from mmtrain.kernels.lightning import (lightning_attn, lightning_attn_block,  # noqa: E402
-                                       lightning_attn_recurrent)
+                                       lightning_attn_qkv, lightning_attn_recurrent)
 
 CU = [0, 50, 150, 207]  # 3 packed sequences of unequal lengths, none a multiple of the block (64)
 
@@ -84,6 +84,34 @@ def test_packed_with_states(interp, dtype, seg):
         assert rel(o, bo) < tol and rel(f, bf) < tol
         for a, b in zip(g, bg):
             assert rel(a, b) < tol
+
+
+@pytest.mark.parametrize("dtype,seg", [(torch.float32, 0), (torch.bfloat16, 64)])
+def test_qkv_packed_read_in_place(interp, dtype, seg):
+    """lightning_attn_qkv on the per-head packed qkv [1, T, H, 3K] (the model's layout): the
+    kernels read the strided q, k, v views in place and write one [1, T, H, 3K] gradient; output,
+    final state and every gradient equal, bit for bit, lightning_attn on contiguous copies of the
+    three (the copies the op made before); and the unpacked op on the strided views equals them
+    too."""
+    H, K = 2, 32
+    cu = torch.tensor(CU, dtype=torch.int32)
+    T = CU[-1]
+    q, k, v, s0, slopes, w_o, w_f = _inputs(1, T, H, K, K, dtype, len(CU) - 1, seed=5)
+    qkv = torch.cat([q, k, v], dim=-1).requires_grad_()
+    s0p = s0.clone().requires_grad_()
+    o, f = lightning_attn_qkv(qkv, slopes, cu, s0p, True, seg_len=seg)
+    ((o.float() * w_o).sum() + (f * w_f).sum()).backward()
+    assert qkv.grad.shape == qkv.shape and qkv.grad.is_contiguous()
+    ro, rf, rg = _run(lambda *a: lightning_attn(*a, seg_len=seg), q, k, v, slopes, cu, s0, w_o,
+                      w_f)
+    assert torch.equal(o, ro) and torch.equal(f, rf)
+    for a, b in zip(list(qkv.grad.split(K, dim=-1)) + [s0p.grad], rg):
+        assert torch.equal(a, b)
+    views = [x.detach().clone().requires_grad_() for x in (qkv,)]
+    vo, vf = lightning_attn(*views[0].split(K, dim=-1), slopes, cu, s0, True, seg_len=seg)
+    assert torch.equal(vo, o) and torch.equal(vf, f)
+    with pytest.raises(ValueError, match="divide by 3"):
+        lightning_attn_qkv(qkv[..., 1:], slopes, cu)
 
 
 @pytest.mark.parametrize("seg", [0, 64])
