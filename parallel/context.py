@@ -518,3 +518,15 @@ class ContextLightningOp:
                                                       plan), None
         fn = _LaspPlus if self.mode == "laspplus" else _Lasp
         return fn.apply(q, k, v, slopes, cu_seqlens, self.local, self.cpx, plan), None
+
+    def packed(self, qkv, slopes, cu_seqlens=None):
+        """The op on a per-head packed qkv [1, T, H, 3K] (:meth:`LightningOp.packed`): the
+        fused LASP+ reads it in place and returns one gradient; LASP and the generic LASP+ run
+        on its q, k, v views."""
+        from mmtrain.kernels.lightning.autograd import split_qkv
+        from mmtrain.parallel import lasp_fused
+
+        if self.mode == "laspplus" and lasp_fused.fusable(self.local, qkv):
+            return lasp_fused.LaspPlusFused.apply(qkv, None, None, slopes, cu_seqlens, self.cpx,
+                                                  plan_of(cu_seqlens)), None
+        return self(*split_qkv(qkv, qkv.shape[-1] // 3), slopes, cu_seqlens)

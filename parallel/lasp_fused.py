@@ -98,13 +98,20 @@ class LaspPlusFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, slopes, cu, cpx, plan):
+        """``k is None``: ``q`` is the per-head packed qkv [1, T, H, 3K] (read in place; the
+        backward returns one [1, T, H, 3K] gradient)."""
         from mmtrain.kernels.lightning import triton_scan as ts
-        from mmtrain.kernels.lightning.autograd import _flat_bounds, _slog2
+        from mmtrain.kernels.lightning.autograd import _flat_bounds, _rows, _slog2, split_qkv
 
+        ctx.packed = k is None
         _, T, H, K = q.shape
-        V = v.shape[-1]
         dev = q.device
-        q_, k_, v_ = (x.contiguous().view(T, H, x.shape[-1]) for x in (q, k, v))
+        if ctx.packed:
+            K = V = K // 3
+            q_, k_, v_ = split_qkv(_rows(q, T), K)
+        else:
+            V = v.shape[-1]
+            q_, k_, v_ = (_rows(x, T) for x in (q, k, v))
         s = slopes.detach().to(device=dev, dtype=torch.float32)
         slog2 = _slog2(slopes, dev)
         bounds = _flat_bounds(q, cu)
@@ -135,12 +142,15 @@ class LaspPlusFused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         from mmtrain.kernels.lightning import triton_scan as ts
+        from mmtrain.kernels.lightning.autograd import _rows, split_qkv
 
         q_, k_, v_, init = ctx.saved_tensors
         T, H, K, V = ctx.shape
         plan, cpx, s, bounds, dev = ctx.plan, ctx.cpx, ctx.s, ctx.bounds, q_.device
         sl2 = ctx.slog2
-        do_ = do.contiguous().view(T, H, V)
+        do_ = _rows(do, T)
+        dqkv = torch.empty((T, H, 3 * K), dtype=q_.dtype, device=dev) if ctx.packed else None
+        dq_o, dk_o, dv_o = split_qkv(dqkv, K) if ctx.packed else (None, None, None)
         # the state-transposed scans (dq, dk) share one config and plan; dv has the forward's
         if K == V:
             cfg_t, P_t = ctx.cfg, ctx.P
@@ -151,10 +161,10 @@ class LaspPlusFused(torch.autograd.Function):
         if P_t is ctx.P:
             dq, _ = ts.scan_attention(do_, v_, k_, s, P_t, out_dtype=q_.dtype,
                                       items_in=ctx.items_in.transpose(-1, -2), cfg=cfg_t,
-                                      slog2=sl2)
+                                      slog2=sl2, out=dq_o)
         else:
             dq, _ = ts.scan_attention(do_, v_, k_, s, P_t, init.transpose(-1, -2),
-                                      out_dtype=q_.dtype, cfg=cfg_t, slog2=sl2)
+                                      out_dtype=q_.dtype, cfg=cfg_t, slog2=sl2, out=dq_o)
         ctx.items_in = None
         _, _, first, last_idx = _layout(plan, dev)
         held = {}
@@ -169,12 +179,16 @@ class LaspPlusFused(torch.autograd.Function):
 
         dv, _, items_v = ts.scan_attention(k_, q_, do_, s, ctx.P, reverse=True,
                                            out_dtype=v_.dtype, state_hook=hook,
-                                           keep_items_in=True, cfg=ctx.cfg, slog2=sl2)
+                                           keep_items_in=True, cfg=ctx.cfg, slog2=sl2, out=dv_o)
         if P_t is ctx.P:  # the dv scan's item states, transposed
             dk, _ = ts.scan_attention(v_, do_, q_, s, P_t, reverse=True, out_dtype=k_.dtype,
-                                      items_in=items_v.transpose(-1, -2), cfg=cfg_t, slog2=sl2)
+                                      items_in=items_v.transpose(-1, -2), cfg=cfg_t, slog2=sl2,
+                                      out=dk_o)
         else:
             dk, _ = ts.scan_attention(v_, do_, q_, s, P_t, held["Y"].transpose(-1, -2),
-                                      reverse=True, out_dtype=k_.dtype, cfg=cfg_t, slog2=sl2)
+                                      reverse=True, out_dtype=k_.dtype, cfg=cfg_t, slog2=sl2,
+                                      out=dk_o)
+        if ctx.packed:
+            return dqkv.view(1, T, H, 3 * K), None, None, None, None, None, None
         return (dq.view(1, T, H, K), dk.view(1, T, H, K), dv.view(1, T, H, V), None, None, None,
                 None)

@@ -71,9 +71,13 @@ class LightningAttention(nn.Module):
         """From the qkv and gate projections to the input of ``out_proj``."""
         T = qkv_T3.shape[0]
         H, K = self.num_heads, self.head_dim
-        qkv = F.silu(qkv_T3).view(T, H, 3 * K)
-        q, k, v = qkv.split(K, dim=-1)  # per-head layout: [q_h | k_h | v_h] for each head
-        o, _ = self.core(q[None], k[None], v[None], self.slopes, cu_seqlens)
+        qkv = F.silu(qkv_T3).view(T, H, 3 * K)  # per-head layout: [q_h | k_h | v_h] per head
+        packed = getattr(self.core, "packed", None)
+        if packed is not None:  # the op reads q, k, v in place (no copies, one gradient)
+            o, _ = packed(qkv[None], self.slopes, cu_seqlens)
+        else:
+            q, k, v = qkv.split(K, dim=-1)
+            o, _ = self.core(q[None], k[None], v[None], self.slopes, cu_seqlens)
         norm = rms_args(self.norm) if self.use_compiled else None
         if norm is not None:
             return norm_gate_compiled(o[0].reshape(T, H * K), *norm, gate_TW, dtype)

@@ -56,6 +56,18 @@ class LightningOp:
                                     output_final_state=output_final_state,
                                     block_size=self.block_size)
 
+    def packed(self, qkv, slopes, cu_seqlens=None):
+        """The op on the per-head packed qkv [B, T, H, 3K] (``[q_h | k_h | v_h]`` per head, the
+        lightning layer's projection): on CUDA the kernels read q, k, v in place and write one
+        gradient (no copies of the three strided views, no concatenation of their gradients);
+        elsewhere the block form on the views."""
+        if qkv.is_cuda:
+            from mmtrain.kernels.lightning import lightning_attn_qkv
+
+            return lightning_attn_qkv(qkv, slopes, cu_seqlens=cu_seqlens)
+        K = qkv.shape[-1] // 3
+        return self(qkv[..., :K], qkv[..., K:2 * K], qkv[..., 2 * K:], slopes, cu_seqlens)
+
 
 def _flash_varlen():
     try:  # optional dependency, used when a user installed it

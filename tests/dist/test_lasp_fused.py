@@ -9,7 +9,8 @@ state chain runs through every rank). Each rank runs its piece with the kernel's
 (items of 4 tokens, ``MMTRAIN_LA_SEG=4``, so a piece's first and last segments span several
 items; and whole-sequence items); its output and the gradients of its q, k, v must equal the
 single-process op's slices to 1e-5 relative (fp32; the kernel's products are IEEE fp32), and
-the generic LASP+ path must agree with it.
+the generic LASP+ path must agree with it. The packed per-head qkv (``ContextLightningOp.packed``,
+the model's layout, read in place) must give the same numbers bit for bit.
 """
 
 import datetime
@@ -53,6 +54,17 @@ def _run(rank, world, port, seg, balance, rounds, out):
         res[fused] = [o[0].detach()] + [x.grad for x in li]
         res[f"err_{fused}"] = max([_rel(o[0], o_ref[0].detach()[idx])]
                                   + [_rel(a.grad, b.grad[idx]) for a, b in zip(li, ins)])
+    # the packed per-head qkv [T, H, 3K] (the model's layout), read in place: fused (one
+    # gradient tensor) and generic (its views); the same numbers as the three separate inputs
+    for fused in (True, False):
+        lasp_fused.FUSED = fused
+        op = ContextLightningOp(LightningOp(block_size=4), cpx, "laspplus")
+        qkv = torch.cat([x[idx] for x in (q, k, v)], dim=-1).requires_grad_()
+        o, _ = op.packed(qkv[None], slopes, local.cu_seqlens)
+        (o[0] * w[idx]).sum().backward()
+        got = [o[0].detach()] + list(qkv.grad.split(K, dim=-1))
+        res[f"packed_equal_{fused}"] = all(torch.equal(a, b) for a, b in zip(got, res[fused]))
+    lasp_fused.FUSED = True
     res["fused_vs_generic"] = max(_rel(a, b) for a, b in zip(res.pop(True), res.pop(False)))
     res["fused_calls"] = len(calls)
     out[rank] = res
@@ -65,7 +77,8 @@ def test_fused_laspplus_matches_single_process(cp, seg, balance, rounds):
     out = spawn_ranks(_run, cp, seg, balance, rounds)
     for rank in range(cp):
         res = dict(out[rank])
-        assert res["fused_calls"] == 1, res  # the fused path ran (once: fused=True)
+        assert res["fused_calls"] == 2, res  # the fused path ran (fused=True, packed or not)
+        assert res["packed_equal_True"] and res["packed_equal_False"], res
         assert res["err_True"] <= 1e-5, (cp, rank, res)
         assert res["err_False"] <= 1e-5, (cp, rank, res)
         assert res["fused_vs_generic"] <= 1e-5, (cp, rank, res)

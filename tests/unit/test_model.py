@@ -7,11 +7,13 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmtrain.config import ModelConfig
 from mmtrain.model import MiniMaxModel, account
 from mmtrain.model.attention import LightningAttention, SoftmaxAttention
 from mmtrain.model.layers import lightning_slopes
+from mmtrain.model.ops import LightningOp
 
 
 def tiny(**kw):
@@ -116,6 +118,32 @@ def test_lightning_module_uses_its_layer_slopes_and_per_head_qkv_layout():
     mod(x, torch.tensor([0, 3], dtype=torch.int32))
     assert captured["v"][0, :, 0].abs().sum() > 0 and captured["v"][0, :, 1:].abs().sum() == 0
     assert captured["q"].abs().sum() == 0 and captured["k"].abs().sum() == 0
+
+
+def test_lightning_module_hands_the_packed_qkv_to_an_op_that_takes_it():
+    """An op with ``packed`` (LightningOp, the CP op) gets the per-head packed qkv [1, T, H, 3K]
+    (read in place on CUDA), and the layer's output equals the three-view call's."""
+    cfg = tiny(num_layers=8, softmax_every=0)
+    torch.manual_seed(0)
+    mod = LightningAttention(cfg, 5)
+    x = torch.randn(7, cfg.hidden_size)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    K = cfg.head_dim
+    seen = {}
+
+    class Packed(LightningOp):
+        def packed(self, qkv, slopes, cu_seqlens=None):
+            seen["qkv"] = qkv
+            return super().packed(qkv, slopes, cu_seqlens)
+
+    mod.core = Packed(cfg.lightning_block_size)
+    y = mod(x, cu)
+    qkv = seen["qkv"]
+    assert qkv.shape == (1, 7, cfg.num_heads, 3 * K)
+    ref = F.silu(mod.qkv_proj(x)).view(7, cfg.num_heads, 3 * K)
+    torch.testing.assert_close(qkv[0], ref, rtol=0, atol=0)
+    mod.core = lambda q, k, v, *a: LightningOp(cfg.lightning_block_size)(q, k, v, *a)
+    torch.testing.assert_close(mod(x, cu), y, rtol=0, atol=0)
 
 
 def test_deepnorm_constants_and_minimax_alpha():
