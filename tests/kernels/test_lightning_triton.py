@@ -114,6 +114,23 @@ def test_qkv_packed_read_in_place(interp, dtype, seg):
         lightning_attn_qkv(qkv[..., 1:], slopes, cu)
 
 
+def test_qkv_packed_batched(interp):
+    """Batched packed qkv [2, T, H, 3K] without cu_seqlens: each row its own sequence, the same
+    numbers as the op on contiguous copies."""
+    B, T, H, K = 2, 70, 2, 16
+    q, k, v, _, slopes, w_o, _ = _inputs(B, T, H, K, K, torch.float32, B, seed=6,
+                                         with_state=False)
+    qkv = torch.cat([q, k, v], dim=-1).requires_grad_()
+    o, _ = lightning_attn_qkv(qkv, slopes, seg_len=32)
+    (o * w_o).sum().backward()
+    cp = [x.clone().requires_grad_() for x in (q, k, v)]
+    ro, _ = lightning_attn(*cp, slopes, seg_len=32)
+    (ro * w_o).sum().backward()
+    assert torch.equal(o, ro)
+    for a, b in zip(qkv.grad.split(K, dim=-1), cp):
+        assert torch.equal(a, b.grad)
+
+
 @pytest.mark.parametrize("seg", [0, 64])
 def test_batched_no_state_d96(interp, seg):
     """Batched [B, T, H, d], head dim 96 (not a power of two, K != V), no initial state."""
