@@ -6,7 +6,8 @@ layout splits the global batch over its DP ranks, so the micro-batches differ fr
 process's), a non-trivial aux coefficient (0.05: the global-batch aux loss must not change with
 the layout), a constant schedule (so a 5-step run is the prefix of the 7-step reference). Layouts
 go through the CLI under torchrun; the references run in this process. Tolerance: 1e-5 relative
-on the losses and the logged aux values, 1e-5 on parameters and AdamW moments after 5 steps.
+on the losses and the logged aux values, 1e-5 on AdamW moments after 5 steps, and on parameters
+the same plus an allowance for AdamW's per-element normalisation (``PARAM_ATOL``, below).
 
 Three references: dropless (the expert-parallel layouts of the acceptance list); capacity factor
 1 with global routing (the drops of every layout then equal the single process's: capacity is
@@ -38,6 +39,16 @@ CAPACITY = BASE + ["model.capacity_factor=1.0", "model.global_routing=true"]
 ACCUM = BASE + ["train.aux_loss_coef=0.0"]
 REF_STEPS, STEPS = 7, 5
 RTOL = 1e-5
+# AdamW divides each element's first moment by the root of its second, so an element whose
+# gradient sits near the fp32 rounding noise of its tensor takes a step of up to lr whatever the
+# gradient's size: two runs whose gradients agree to 1e-6 of the tensor's scale (different
+# reduction orders) can move such an element apart by a small fraction of lr. The AdamW moments,
+# which carry the gradients themselves, are held to RTOL of their tensor's largest value; a
+# parameter is allowed that plus 1e-3 of the total step length, lr × steps (1.5e-5 here). A wrong
+# update (a shard not stepped, a gradient scaled twice) moves parameters by about lr (3e-3) and
+# the moments by their own size. Measured: the largest parameter excess over RTOL alone was
+# 2.0e-6 (tp2_ep4, one element of a v row of qkv_proj), the moments stay under 0.31 of RTOL.
+PARAM_ATOL = 1e-3 * load_config(BASE).train.lr * STEPS
 
 
 def _torchrun(nproc, ovr, args, run_dir, timeout=300):
@@ -75,11 +86,14 @@ def _assert_same_records(run, ref, n=STEPS):
 
 
 def _assert_same_state(a, b):
+    """Model parameters (``model.*``) and AdamW moments (``optim.*``) after STEPS steps: the
+    moments to RTOL of their tensor's largest value, the parameters to that plus PARAM_ATOL."""
     assert set(a) == set(b), set(a) ^ set(b)
     for k in a:
         scale = max(float(b[k].abs().max()), 1e-12)
         err = float((a[k] - b[k]).abs().max())
-        assert err <= RTOL * scale, (k, err, scale)
+        atol = PARAM_ATOL if k.startswith("model.") else 0.0
+        assert err <= RTOL * scale + atol, (k, err, scale, atol)
 
 
 def _reference(tmp_path_factory, ovr, name):
