@@ -9,6 +9,9 @@ attention) per module, without globals.
 
 * ``LightningOp(q, k, v, slopes, cu_seqlens, initial_state=None) -> (o, final_state)``
   q, k, v: [1, T, H, K]; the Triton kernel on CUDA, the torch block form elsewhere.
+  ``LightningOp.packed(qkv, slopes, cu_seqlens) -> (o, None)``: the same on the per-head packed
+  qkv [1, T, H, 3K] the lightning layer projects (read in place on CUDA, one gradient); the
+  layer calls it when its core has it (the CP op does), else the three-view call.
 * ``SoftmaxOp(q, k, v, cu_seqlens, scale) -> o``
   q: [T, H, K], k, v: [T, G, K]; causal within each sequence, nothing across sequences.
 
