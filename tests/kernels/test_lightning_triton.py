@@ -107,8 +107,7 @@ def test_qkv_packed_read_in_place(interp, dtype, seg):
     assert torch.equal(o, ro) and torch.equal(f, rf)
     for a, b in zip(list(qkv.grad.split(K, dim=-1)) + [s0p.grad], rg):
         assert torch.equal(a, b)
-    views = [x.detach().clone().requires_grad_() for x in (qkv,)]
-    vo, vf = lightning_attn(*views[0].split(K, dim=-1), slopes, cu, s0, True, seg_len=seg)
+    vo, vf = lightning_attn(*qkv.detach().split(K, dim=-1), slopes, cu, s0, True, seg_len=seg)
     assert torch.equal(vo, o) and torch.equal(vf, f)
     with pytest.raises(ValueError, match="divide by 3"):
         lightning_attn_qkv(qkv[..., 1:], slopes, cu)
