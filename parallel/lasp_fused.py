@@ -101,17 +101,12 @@ class LaspPlusFused(torch.autograd.Function):
         """``k is None``: ``q`` is the per-head packed qkv [1, T, H, 3K] (read in place; the
         backward returns one [1, T, H, 3K] gradient)."""
         from mmtrain.kernels.lightning import triton_scan as ts
-        from mmtrain.kernels.lightning.autograd import _flat_bounds, _rows, _slog2, split_qkv
+        from mmtrain.kernels.lightning.autograd import _flat_bounds, _slog2, flat_qkv
 
-        ctx.packed = k is None
-        _, T, H, K = q.shape
+        _, T, H = q.shape[:3]
         dev = q.device
-        if ctx.packed:
-            K = V = K // 3
-            q_, k_, v_ = split_qkv(_rows(q, T), K)
-        else:
-            V = v.shape[-1]
-            q_, k_, v_ = (_rows(x, T) for x in (q, k, v))
+        q_, k_, v_, ctx.packed = flat_qkv(q, k, v, T)
+        K, V = q_.shape[-1], v_.shape[-1]
         s = slopes.detach().to(device=dev, dtype=torch.float32)
         slog2 = _slog2(slopes, dev)
         bounds = _flat_bounds(q, cu)
@@ -142,15 +137,14 @@ class LaspPlusFused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         from mmtrain.kernels.lightning import triton_scan as ts
-        from mmtrain.kernels.lightning.autograd import _rows, split_qkv
+        from mmtrain.kernels.lightning.autograd import _rows, grad_outs
 
         q_, k_, v_, init = ctx.saved_tensors
         T, H, K, V = ctx.shape
         plan, cpx, s, bounds, dev = ctx.plan, ctx.cpx, ctx.s, ctx.bounds, q_.device
         sl2 = ctx.slog2
         do_ = _rows(do, T)
-        dqkv = torch.empty((T, H, 3 * K), dtype=q_.dtype, device=dev) if ctx.packed else None
-        dq_o, dk_o, dv_o = split_qkv(dqkv, K) if ctx.packed else (None, None, None)
+        dqkv, dq_o, dk_o, dv_o = grad_outs(ctx.packed, T, H, K, q_)
         # the state-transposed scans (dq, dk) share one config and plan; dv has the forward's
         if K == V:
             cfg_t, P_t = ctx.cfg, ctx.P

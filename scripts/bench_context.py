@@ -213,6 +213,14 @@ class EmulatedCP(ContextParallel):
         return torch.stack([x] * self.cp)
 
 
+def emulated_rank(Tg, balance, C, r):
+    """(device cu_seqlens with the CP plan, EmulatedCP) of rank ``r``'s share of one row that is
+    one document of ``Tg · C`` tokens, over an emulated CP group of ``C`` under ``balance``."""
+    cu_l, _ = local_piece([0, Tg * C], 1, Tg * C, balance, C, r)
+    b, rounds = partition(balance)
+    return cu_l, EmulatedCP(None, C, r, balance=b, rounds=rounds)
+
+
 def modes_for(balance):
     """The lightning modes a partition runs: LASP+ (fused into the kernel's passes), LASP+
     unfused (its separate state GEMMs, ``MMTRAIN_LASP_FUSED=0``) and LASP (contiguous only)."""
@@ -389,11 +397,8 @@ def bench_lightning(sizes, a, balances):
                     key = f"{mode}_{balance}"
                     per_rank = []
                     for r in range(C):  # each rank's share in turn; the slowest sets the pace
-                        cu_l, _ = local_piece([0, Tg * C], 1, Tg * C, balance, C, r)
-                        b, k_ = partition(balance)
-                        op, lasp_fused.FUSED = lightning_op(mode, EmulatedCP(None, C, r,
-                                                                             balance=b,
-                                                                             rounds=k_))
+                        cu_l, cpx_r = emulated_rank(Tg, balance, C, r)
+                        op, lasp_fused.FUSED = lightning_op(mode, cpx_r)
                         per_rank.append(timeit(run(op, cu_l), a.warmup, a.iters) * 1e3)
                         lasp_fused.FUSED = True
                     row[f"{key}_ms_per_rank"] = per_rank

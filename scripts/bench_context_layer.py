@@ -133,13 +133,14 @@ def bench_shape(name, Tg, a, balance, dtype):
                                                                                   a.iters))
     row["cp1_core_ms"], row["cp1_core_queued_ms"] = (v * 1e3 for v in time_both(cf, a.warmup,
                                                                                 a.iters))
-    b, rounds = bc.partition(balance)
     C = bc.WORLD if bc.WORLD > 1 else a.emulate_cp
     per_rank = []
     for r in ([bc.RANK] if bc.WORLD > 1 else range(C)):
-        cu_l, _ = bc.local_piece([0, Tg * C], 1, Tg * C, balance, C, r)
-        cpx = (bc.cpx_for(balance) if bc.WORLD > 1
-               else bc.EmulatedCP(None, C, r, balance=b, rounds=rounds))
+        if bc.WORLD > 1:
+            cu_l, _ = bc.local_piece([0, Tg * C], 1, Tg * C, balance)
+            cpx = bc.cpx_for(balance)
+        else:
+            cu_l, cpx = bc.emulated_rank(Tg, balance, C, r)
         layer.core = ContextLightningOp(LightningOp(64), cpx, "laspplus")
         lf, cf = runners(layer, x, dy, cu_l, qkv_do)
         per_rank.append([v * 1e3 for v in time_both(lf, a.warmup, a.iters)

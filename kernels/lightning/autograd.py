@@ -47,6 +47,24 @@ def split_qkv(qkv_, K):
     return qkv_[..., :K], qkv_[..., K:2 * K], qkv_[..., 2 * K:]
 
 
+def flat_qkv(q, k, v, n):
+    """The kernels' [n, H, D] q, k, v (views where the strides allow), and whether the input was
+    packed: ``k is None`` means ``q`` is the per-head packed qkv [B, T, H, 3K] (the autograd
+    Functions take it in q's place)."""
+    if k is None:
+        return (*split_qkv(_rows(q, n), q.shape[-1] // 3), True)
+    return _rows(q, n), _rows(k, n), _rows(v, n), False
+
+
+def grad_outs(packed: bool, n, H, K, like):
+    """Where the backward's three scans write dq, dk, dv: for a packed input, views of one
+    [n, H, 3K] gradient (returned first; no concatenation after), else new tensors (None)."""
+    if not packed:
+        return None, None, None, None
+    dqkv = torch.empty((n, H, 3 * K), dtype=like.dtype, device=like.device)
+    return (dqkv, *split_qkv(dqkv, K))
+
+
 def _slog2(slopes, device):
     """``slopes · log2 e`` (fp32, on ``device``), kept on the slopes tensor while it is unchanged
     (a layer's slopes are a constant buffer: one multiply per layer instead of one per call)."""
@@ -66,15 +84,9 @@ class _LightningAttnFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, slopes, initial_state, bounds, output_final_state, seg_len):
-        ctx.packed = k is None  # q is then qkv [B, T, H, 3K] (lightning_attn_qkv)
-        if ctx.packed:
-            B, T, H, K = q.shape
-            K = V = K // 3
-            q_, k_, v_ = split_qkv(_rows(q, B * T), K)
-        else:
-            B, T, H, K = q.shape
-            V = v.shape[-1]
-            q_, k_, v_ = (_rows(x, B * T) for x in (q, k, v))
+        B, T, H = q.shape[:3]
+        q_, k_, v_, ctx.packed = flat_qkv(q, k, v, B * T)  # packed: lightning_attn_qkv
+        K, V = q_.shape[-1], v_.shape[-1]
         cfg = ts._cfg(K, V, q.dtype, q.device)
         seg = ts.choose_seg_len(bounds, H, -(-V // int(cfg["BV"])), q.device, seg_len)
         plan = ts.get_plan(bounds, seg, q.device)
@@ -96,10 +108,7 @@ class _LightningAttnFn(torch.autograd.Function):
         B, T, H, K, V = ctx.shape
         dev = q_.device
         do_ = _rows(do, B * T)
-        # packed: the three products are written into one [B·T, H, 3K] gradient (no cat)
-        dqkv = (torch.empty((B * T, H, 3 * K), dtype=q_.dtype, device=dev) if ctx.packed
-                else None)
-        dq_o, dk_o, dv_o = split_qkv(dqkv, K) if ctx.packed else (None, None, None)
+        dqkv, dq_o, dk_o, dv_o = grad_outs(ctx.packed, B * T, H, K, q_)
         s = slopes.detach().to(device=dev, dtype=torch.float32)
         Y = None
         if dfinal is not None:
@@ -175,12 +184,12 @@ def lightning_attn_qkv(qkv, slopes, cu_seqlens=None, initial_state=None,
     if qkv.shape[-1] % 3:
         raise ValueError(f"lightning_attn_qkv: the last dim holds [q_h | k_h | v_h], so it must "
                          f"divide by 3; got qkv of shape {list(qkv.shape)}")
+    q, k, v = split_qkv(qkv, qkv.shape[-1] // 3)
     use_triton = qkv.is_cuda or (ts.HAVE_TRITON and ts.interpreting())
     if not use_triton:
-        return lightning_attn(*split_qkv(qkv, qkv.shape[-1] // 3), slopes, cu_seqlens,
-                              initial_state, output_final_state)
+        return lightning_attn(q, k, v, slopes, cu_seqlens, initial_state, output_final_state)
     bounds = sequence_bounds(qkv, cu_seqlens)
-    _check(*split_qkv(qkv, qkv.shape[-1] // 3), slopes, initial_state, len(bounds))
+    _check(q, k, v, slopes, initial_state, len(bounds))
     if qkv.dtype == torch.float64:
         raise TypeError("the Triton lightning kernel takes bf16, fp16 or fp32 inputs")
     return _LightningAttnFn.apply(qkv, None, None, slopes, initial_state,

@@ -64,12 +64,12 @@ class LightningOp:
         lightning layer's projection): on CUDA the kernels read q, k, v in place and write one
         gradient (no copies of the three strided views, no concatenation of their gradients);
         elsewhere the block form on the views."""
-        if qkv.is_cuda:
-            from mmtrain.kernels.lightning import lightning_attn_qkv
+        from mmtrain.kernels.lightning import lightning_attn_qkv
+        from mmtrain.kernels.lightning.autograd import split_qkv
 
+        if qkv.is_cuda:
             return lightning_attn_qkv(qkv, slopes, cu_seqlens=cu_seqlens)
-        K = qkv.shape[-1] // 3
-        return self(qkv[..., :K], qkv[..., K:2 * K], qkv[..., 2 * K:], slopes, cu_seqlens)
+        return self(*split_qkv(qkv, qkv.shape[-1] // 3), slopes, cu_seqlens)
 
 
 def _flash_varlen():
