@@ -14,11 +14,13 @@ the epilogue, but only if that Triton GEMM is about as fast as cuBLAS at the lay
 For each shape (the layers of ``bench_context_layer``) and ``--tokens`` tokens, this times:
 
 * ``cublas``: the projection as the layer runs it (``F.linear``, cuBLAS) and ``silu`` after it;
-* ``state``: the state pass over the SiLU'd k and v views (``triton_scan.local_states``; the
-  pieces of one rank under two zigzag rounds: four pieces), checked against each piece's final
-  state from the op (the same sums by definition);
+* ``state``: the state pass over the SiLU'd k and v views (``triton_scan.local_states``) on the
+  items LASP+ runs: one rank's four pieces under two zigzag rounds, split further where they
+  would leave SMs idle; checked against each item's final state from the op (the same sums by
+  definition);
 * ``triton``: the best Triton GEMM that torch's inductor finds (``max-autotune``, Triton
-  templates only), with the SiLU fused into its epilogue, and without; checked against cuBLAS.
+  templates only; ``--tma`` adds its persistent TMA templates), with the SiLU fused into its
+  epilogue, and without; checked against cuBLAS.
 
 ``room = cublas + silu + state - triton_silu``: what a fused kernel may spend on its state
 epilogue and still beat today's three kernels. A negative room means the Triton GEMM with the
@@ -45,10 +47,6 @@ from bench_context_layer import SHAPES  # noqa: E402
 from mmtrain.kernels.lightning import triton_scan as ts  # noqa: E402
 from mmtrain.kernels.lightning.autograd import _slog2, lightning_attn  # noqa: E402
 from mmtrain.model.layers import lightning_slopes  # noqa: E402
-
-def triton_cdiv(a, b):
-    return -(-a // b)
-
 
 PIECES = 4  # one rank's pieces under two zigzag rounds (parallel.cp_zigzag_rounds=0 at 128K+)
 
@@ -94,7 +92,8 @@ def bench_shape(name, T, a):
     bounds = [(i * step, T if i == PIECES - 1 else (i + 1) * step) for i in range(PIECES)]
     # the items LASP+ runs: the pieces, split further where they leave SMs idle (at H = 8 the
     # CP=1 op splits its sequence too, so there the state pass is not LASP+'s alone)
-    seg = ts.choose_seg_len(bounds, H, triton_cdiv(K, ts._cfg(K, K, dt, dev)["BV"]), dev)
+    n_vtiles = -(-K // ts._cfg(K, K, dt, dev)["BV"])  # the out pass's programs a head
+    seg = ts.choose_seg_len(bounds, H, n_vtiles, dev)
     plan = ts.get_plan(bounds, seg, dev, two_pass=True)
     row["items"] = plan.n_items
     slog2 = _slog2(slopes, dev)
