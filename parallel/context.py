@@ -64,6 +64,7 @@ the chain would visit every rank twice, 0 → C-1 then C-1 → 0; the config rej
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -320,6 +321,19 @@ def _state_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def states_outside_autocast(fn):
+    """For the forward and backward of the CP lightning Functions: run with autocast off on the
+    inputs' device. The training loop runs the model under bf16 autocast, which would run these
+    ops' state GEMMs (the decayed sums, :func:`combine_states`) in bf16, and the states are fp32
+    by design (SPEC §6); the local op's kernels take the bf16 activations as they come."""
+    @functools.wraps(fn)
+    def run(ctx, *args):
+        dev = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        with torch.autocast(dev.type, enabled=False):
+            return fn(ctx, *args)
+    return run
+
+
 def _chain_matrix(plan: CPPlan, slopes, dtype, device, transpose: bool, rows=None,
                   extra: int = 0):
     """``M`` [H, R', C·rows]: ``M[h, i, (j, l)]`` weighs rank j's local piece l's state in what
@@ -408,6 +422,7 @@ def _corrected_rows(plan: CPPlan):
 class _LaspPlus(torch.autograd.Function):
 
     @staticmethod
+    @states_outside_autocast
     def forward(ctx, q, k, v, slopes, cu, local, cpx, plan):
         sd = _state_dtype(q)
         B, H, K, V = plan.rows, q.shape[2], q.shape[3], v.shape[3]
@@ -431,6 +446,7 @@ class _LaspPlus(torch.autograd.Function):
         return o.detach()
 
     @staticmethod
+    @states_outside_autocast
     def backward(ctx, do):
         q_, k_, v_, o, finals = ctx.graph
         plan, slopes, cpx, sd = ctx.plan, ctx.slopes, ctx.cpx, ctx.sd
@@ -452,6 +468,7 @@ class _LaspPlus(torch.autograd.Function):
 class _Lasp(torch.autograd.Function):
 
     @staticmethod
+    @states_outside_autocast
     def forward(ctx, q, k, v, slopes, cu, local, cpx, plan):
         sd = _state_dtype(q)
         H, K, V = q.shape[2], q.shape[3], v.shape[3]
@@ -473,6 +490,7 @@ class _Lasp(torch.autograd.Function):
         return o.detach()
 
     @staticmethod
+    @states_outside_autocast
     def backward(ctx, do):
         q_, k_, v_, init_, o, finals = ctx.graph
         plan, cpx = ctx.plan, ctx.cpx

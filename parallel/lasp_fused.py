@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from mmtrain.parallel.context import _corrected_rows, combine_states
+from mmtrain.parallel.context import _corrected_rows, combine_states, states_outside_autocast
 
 __all__ = ["FUSED", "fusable", "LaspPlusFused"]
 
@@ -97,6 +97,7 @@ class LaspPlusFused(torch.autograd.Function):
     decayed suffix ``dKV_r`` (÷ λ) to the chain; the dk scan takes its transpose."""
 
     @staticmethod
+    @states_outside_autocast
     def forward(ctx, q, k, v, slopes, cu, cpx, plan):
         """``k is None``: ``q`` is the per-head packed qkv [1, T, H, 3K] (read in place; the
         backward returns one [1, T, H, 3K] gradient)."""
@@ -135,6 +136,7 @@ class LaspPlusFused(torch.autograd.Function):
         return o.view(1, T, H, V)
 
     @staticmethod
+    @states_outside_autocast
     def backward(ctx, do):
         from mmtrain.kernels.lightning import triton_scan as ts
         from mmtrain.kernels.lightning.autograd import _rows, grad_outs

@@ -82,3 +82,54 @@ def test_fused_laspplus_matches_single_process(cp, seg, balance, rounds):
         assert res["err_True"] <= 1e-5, (cp, rank, res)
         assert res["err_False"] <= 1e-5, (cp, rank, res)
         assert res["fused_vs_generic"] <= 1e-5, (cp, rank, res)
+
+
+def _run_autocast(rank, world, port, balance, rounds, out):
+    """bf16 activations, as the training loop hands them to the op under bf16 autocast: the
+    CP ops keep their states in fp32 whether or not autocast is on around them."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=90))
+    from mmtrain.model.ops import LightningOp
+    import mmtrain.parallel.lasp_fused as lasp_fused
+    from mmtrain.parallel.context import ContextLightningOp
+
+    cu, _, local, idx, cpx = _rank_piece(rank, world, balance, rounds)
+    H, K = 2, 32
+    q, k, v, w = (x.bfloat16() for x in _data(H, H, K, torch.float32, seed=5))
+    slopes = torch.tensor([0.05, 0.3])
+    modes = ([("laspplus", True), ("laspplus", False)] if balance != "contiguous"
+             else [("lasp", False)])
+    res = {}
+    for mode, fused in modes:
+        lasp_fused.FUSED = fused
+        got = {}
+        for cast in (False, True):
+            op = ContextLightningOp(LightningOp(block_size=4), cpx, mode)
+            li = [x[idx].clone().requires_grad_() for x in (q, k, v)]
+            try:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+                    o, _ = op(*(x[None] for x in li), slopes, local.cu_seqlens)
+                (o[0].float() * w[idx].float()).sum().backward()
+                got[cast] = [o[0].detach()] + [x.grad for x in li]
+            except RuntimeError as e:  # report, so every mode is tried on every rank
+                got[cast] = f"{type(e).__name__}: {e}"
+        a, b = got[False], got[True]
+        res[f"{mode}_{fused}"] = (a == b if isinstance(a, str) or isinstance(b, str)
+                                  else all(torch.equal(x, y) for x, y in zip(a, b))), (
+            b if isinstance(b, str) else "")
+    lasp_fused.FUSED = True
+    out[rank] = res
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("balance,rounds", [("zigzag", 2), ("contiguous", 1)])
+def test_cp_lightning_states_ignore_autocast(balance, rounds):
+    """Under bf16 autocast (the training loop's forward) LASP+ (fused and generic) and LASP give
+    the same output and gradients, bit for bit, as without it: their state GEMMs stay in fp32.
+    (The fused hook once crashed there, ``index_copy_`` of a bf16 combination into fp32 states,
+    and the generic path combined the states in bf16.)"""
+    out = spawn_ranks(_run_autocast, 2, balance, rounds)
+    for rank in range(2):
+        for key, (same, err) in out[rank].items():
+            assert same and not err, (balance, rank, key, err)
