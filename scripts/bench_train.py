@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -112,10 +113,8 @@ def driver(args, overrides):
         with open(f"{args.out}.{tag}.log", "w") as f:
             f.write(proc.stdout + "\n---- stderr ----\n" + proc.stderr)
         if proc.returncode != 0 or not os.path.exists(result):
-            err = proc.stderr
-            first = err.find("Traceback")
-            print(f"{layout}: FAILED (exit {proc.returncode})\n{err[first:first + 3000]}",
-                  flush=True)
+            print(f"{layout}: FAILED (exit {proc.returncode}; whole log in "
+                  f"{args.out}.{tag}.log)\n{error_excerpt(proc.stderr)}", flush=True)
             continue
         r = json.load(open(result))
         r["wall_s"] = time.time() - t0
@@ -145,6 +144,22 @@ def driver(args, overrides):
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     return 0
+
+
+_ERROR_LINE = re.compile(r"^(\[rank\d+\]: )?[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
+
+
+def error_excerpt(stderr: str, context: int = 12) -> str:
+    """The end of a worker's traceback in its stderr: the frames before the last error line
+    and the line itself. Under torchrun a rank's error (``[rankN]: ...Error``) is preferred:
+    torchrun's own ``ChildFailedError`` and summary come after it and name no cause."""
+    lines = stderr.splitlines()
+    hits = [i for i, ln in enumerate(lines) if _ERROR_LINE.match(ln)]
+    hits = [i for i in hits if lines[i].startswith("[rank")] or hits
+    if not hits:
+        return "\n".join(lines[-25:])
+    i = hits[-1]
+    return "\n".join(lines[max(0, i - context):i + 1])
 
 
 def main():
