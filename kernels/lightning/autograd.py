@@ -157,22 +157,32 @@ class _LightningAttnFn(torch.autograd.Function):
                 None, None, None)
 
 
+def _use_triton(x) -> bool:
+    return x.is_cuda or (ts.HAVE_TRITON and ts.interpreting())
+
+
+def _triton_apply(x, q, k, v, slopes, cu_seqlens, initial_state, output_final_state, seg_len,
+                  fn_args):
+    """The checks and the Triton op of both entry points: ``x`` is the tensor the rows are
+    counted on (q, or the packed qkv), ``fn_args`` the Function's first three inputs."""
+    bounds = sequence_bounds(x, cu_seqlens)
+    _check(q, k, v, slopes, initial_state, len(bounds))
+    if x.dtype == torch.float64:
+        raise TypeError("the Triton lightning kernel takes bf16, fp16 or fp32 inputs")
+    return _LightningAttnFn.apply(*fn_args, slopes, initial_state, _flat_bounds(x, cu_seqlens),
+                                  bool(output_final_state), seg_len)
+
+
 def lightning_attn(q, k, v, slopes, cu_seqlens=None, initial_state=None,
                    output_final_state=False, *, seg_len: int | None = None):
     """Lightning attention (SPEC §2): o_t = sum_{u<=t} lam^(t-u) (q_t . k_u) v_u, per head.
 
     Returns (o, final_state); final_state is None unless output_final_state.
     ``seg_len`` (tuning/testing) forces the sequence-split length: 0 = single pass."""
-    use_triton = q.is_cuda or (ts.HAVE_TRITON and ts.interpreting())
-    if not use_triton:
+    if not _use_triton(q):
         return lightning_attn_block(q, k, v, slopes, cu_seqlens, initial_state, output_final_state)
-    bounds = sequence_bounds(q, cu_seqlens)
-    _check(q, k, v, slopes, initial_state, len(bounds))
-    if q.dtype == torch.float64:
-        raise TypeError("the Triton lightning kernel takes bf16, fp16 or fp32 inputs")
-    fb = _flat_bounds(q, cu_seqlens)
-    return _LightningAttnFn.apply(q, k, v, slopes, initial_state, fb, bool(output_final_state),
-                                  seg_len)
+    return _triton_apply(q, q, k, v, slopes, cu_seqlens, initial_state, output_final_state,
+                         seg_len, (q, k, v))
 
 
 def lightning_attn_qkv(qkv, slopes, cu_seqlens=None, initial_state=None,
@@ -185,13 +195,7 @@ def lightning_attn_qkv(qkv, slopes, cu_seqlens=None, initial_state=None,
         raise ValueError(f"lightning_attn_qkv: the last dim holds [q_h | k_h | v_h], so it must "
                          f"divide by 3; got qkv of shape {list(qkv.shape)}")
     q, k, v = split_qkv(qkv, qkv.shape[-1] // 3)
-    use_triton = qkv.is_cuda or (ts.HAVE_TRITON and ts.interpreting())
-    if not use_triton:
-        return lightning_attn(q, k, v, slopes, cu_seqlens, initial_state, output_final_state)
-    bounds = sequence_bounds(qkv, cu_seqlens)
-    _check(q, k, v, slopes, initial_state, len(bounds))
-    if qkv.dtype == torch.float64:
-        raise TypeError("the Triton lightning kernel takes bf16, fp16 or fp32 inputs")
-    return _LightningAttnFn.apply(qkv, None, None, slopes, initial_state,
-                                  _flat_bounds(qkv, cu_seqlens), bool(output_final_state),
-                                  seg_len)
+    if not _use_triton(qkv):
+        return lightning_attn_block(q, k, v, slopes, cu_seqlens, initial_state, output_final_state)
+    return _triton_apply(qkv, q, k, v, slopes, cu_seqlens, initial_state, output_final_state,
+                         seg_len, (qkv, None, None))
